@@ -1,0 +1,5 @@
+import sys
+
+from exq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""Atomic writes and checked reads shared by every file format exq writes.
+
+Writes go to a temporary file in the destination folder and are renamed into place, so a crash or a full disk never
+leaves a half-written file where a later stage would read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from exq.errors import ExqError, FormatError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExqError(f"output path {path} is a directory", "give a file name, e.g. runs/profile.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExqError(f"cannot create folder {path.parent}: {e.strerror}") from e
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions a plain open() would
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ExqError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys and fixed separators, so equal content gives equal bytes."""
+    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, dumps_json(obj))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Read a JSON file, turning every way it can fail into a FormatError that names the file and what it should be."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise FormatError(f"{what} {path} is a directory, not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"cannot read {what} {path}: {e}") from e
+    if not text.strip():
+        raise FormatError(f"{what} {path} is empty", "re-create it; exq writes complete files only")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(
+            f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); it is truncated or was "
+            "edited by hand",
+            "re-create it with the exq command that wrote it",
+        ) from e

@@ -1,0 +1,50 @@
+"""Test data: the shared fixture models and corpus when present (../shared or $EXQ_SHARED), else the bundled demo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _shared() -> Path | None:
+    for cand in (os.environ.get("EXQ_SHARED"), REPO.parent / "shared"):
+        if cand and (Path(cand) / "models").is_dir() and (Path(cand) / "corpus").is_dir():
+            return Path(cand)
+    return None
+
+
+SHARED = _shared()
+# EXQ_TEST_DEVICE=cuda runs the device-aware tests (profiling) on a GPU; CI is CPU only.
+DEVICE = os.environ.get("EXQ_TEST_DEVICE", "cpu")
+DEMO_MODEL = REPO / "demo" / "model"
+DEMO_CORPUS = REPO / "demo" / "corpus"
+
+if SHARED is not None:
+    REAL_MODELS = {n: SHARED / "models" / n for n in ("olmoe-mini", "qwen3moe-mini") if (SHARED / "models" / n).is_dir()}
+    CORPUS_DIR = SHARED / "corpus"
+    DOMAINS = ("austen", "shakespeare", "kjv", "pydocs")
+else:
+    REAL_MODELS = {"demo": DEMO_MODEL}
+    CORPUS_DIR = DEMO_CORPUS
+    DOMAINS = ("austen", "kjv")
+
+
+def corpus_file(domain: str, split: str) -> Path:
+    return CORPUS_DIR / f"{domain}.{split}.txt.gz"
+
+
+@pytest.fixture(scope="session", params=sorted(REAL_MODELS), ids=sorted(REAL_MODELS))
+def real_model_path(request) -> Path:
+    return REAL_MODELS[request.param]
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    return DEMO_MODEL

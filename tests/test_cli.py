@@ -1,0 +1,228 @@
+"""The `exq` command: help, a real profile run, and a clear one-line error (no traceback) for each user mistake."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+
+import pytest
+from conftest import DEMO_CORPUS, DEMO_MODEL
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from exq.cli import main
+from exq.profiling import RoutingProfile
+
+CORPUS = str(DEMO_CORPUS / "austen.valid.txt.gz")
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_the_stages():
+    res = subprocess.run([sys.executable, "-m", "exq", "--help"], capture_output=True, text=True, check=True)
+    assert "profile" in res.stdout and "stages" in res.stdout
+    assert subprocess.run([sys.executable, "-m", "exq", "--version"], capture_output=True, text=True).stdout.startswith(
+        "exq "
+    )
+
+
+def test_profile_command_writes_a_valid_profile(tmp_path, capsys):
+    out = tmp_path / "runs" / "prof.json"
+    code, stdout, err = run(
+        capsys,
+        "profile",
+        "--model",
+        str(DEMO_MODEL),
+        "--corpus",
+        CORPUS,
+        str(DEMO_CORPUS / "kjv.valid.txt.gz"),
+        "--tokens",
+        "3000",
+        "--seq-len",
+        "256",
+        "--output",
+        str(out),
+    )
+    assert code == 0, err
+    assert "wrote" in stdout and "austen.valid" in stdout
+    prof = RoutingProfile.load(out)
+    assert prof.tokens == 3000 and prof.domain_names == ["austen.valid", "kjv.valid"]
+    assert [d.tokens for d in prof.domains] == [1500, 1500]
+
+
+def expect_error(capsys, match: str, *args: str) -> str:
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert match in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_nonexistent_model_path(tmp_path, capsys):
+    expect_error(
+        capsys,
+        "does not exist",
+        "profile",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--corpus",
+        CORPUS,
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_folder_without_config(tmp_path, capsys):
+    expect_error(
+        capsys,
+        "has no config.json",
+        "profile",
+        "--model",
+        str(tmp_path),
+        "--corpus",
+        CORPUS,
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+
+
+def test_dense_model(tmp_path, capsys):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    err = expect_error(
+        capsys,
+        "dense model",
+        "profile",
+        "--model",
+        str(tmp_path / "llama"),
+        "--corpus",
+        CORPUS,
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    assert "Qwen3-MoE" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (gzip.compress(b""), "is empty"),
+        (b"\x1f\x8b\x08\x00garbage-not-gzip", "cannot read corpus file"),
+        (b"\xff\xfe\xfa not utf-8 \xc3\x28", "not UTF-8"),
+    ],
+    ids=["empty", "empty-gz", "corrupt-gz", "not-utf8"],
+)
+def test_bad_corpus_files(tmp_path, capsys, content, match):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    expect_error(
+        capsys,
+        match,
+        "profile",
+        "--model",
+        str(DEMO_MODEL),
+        "--corpus",
+        str(f),
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_corpus_directory_and_missing_file(tmp_path, capsys):
+    expect_error(
+        capsys,
+        "is a directory",
+        "profile",
+        "--model",
+        str(DEMO_MODEL),
+        "--corpus",
+        str(tmp_path),
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    expect_error(
+        capsys,
+        "does not exist",
+        "profile",
+        "--model",
+        str(DEMO_MODEL),
+        "--corpus",
+        str(tmp_path / "none.txt"),
+        "--tokens",
+        "100",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+
+
+def test_corpus_too_short(tmp_path, capsys):
+    f = tmp_path / "short.txt"
+    f.write_text("only a few words here\n")
+    expect_error(
+        capsys,
+        "lower --tokens",
+        "profile",
+        "--model",
+        str(DEMO_MODEL),
+        "--corpus",
+        str(f),
+        "--tokens",
+        "5000",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5", "many"])
+def test_bad_token_count(tmp_path, capsys, tokens):
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "profile",
+                "--model",
+                str(DEMO_MODEL),
+                "--corpus",
+                CORPUS,
+                "--tokens",
+                tokens,
+                "--output",
+                str(tmp_path / "p.json"),
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "positive integer" in err
+
+
+def test_verbose_shows_traceback_for_debugging(tmp_path, capsys):
+    code, _, err = run(
+        capsys,
+        "-v",
+        "profile",
+        "--model",
+        str(tmp_path / "x"),
+        "--corpus",
+        CORPUS,
+        "--tokens",
+        "10",
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    assert code == 2 and "Traceback" in err and "does not exist" in err
