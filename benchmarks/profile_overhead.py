@@ -6,7 +6,9 @@ Three timings over identical batches, interleaved and repeated, medians reported
   plain_lm       model(input_ids)          what a user's plain forward costs (includes the LM head)
   plain_decoder  model.model(input_ids)    the same decoder stack exq runs (no LM head)
   profiled       exq.profiling.profile_domains: decoder + router hooks + on-device statistics
-overhead_vs_decoder isolates the cost of the taps; overhead_vs_lm is the end-to-end comparison.
+overhead_vs_decoder isolates the cost of the taps; overhead_vs_lm is the end-to-end comparison. On a CPU (synchronous)
+one more profiled run times the taps themselves (tap_share: seconds inside the hooks / the run's seconds), a figure
+free of the run-to-run noise that the differences of medians carry.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from exq.data.corpus import load_domains, split_tokens
 from exq.models import load_model, load_tokenizer
 from exq.profiling import profile_domains
+from exq.profiling.profiler import _RouterTap
 
 
 def main() -> None:
@@ -70,6 +73,22 @@ def main() -> None:
         for k, fn in runs.items():
             times[k].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
+    tap_share = None
+    if dev.type == "cpu":
+        inside = [0.0]
+        observe = _RouterTap.observe
+
+        def timed(self, *args):
+            t = time.perf_counter()
+            observe(self, *args)
+            inside[0] += time.perf_counter() - t
+
+        _RouterTap.observe = timed
+        try:
+            total = profiled()
+        finally:
+            _RouterTap.observe = observe
+        tap_share = round(inside[0] / total, 4)
     res = {
         "model": str(Path(a.model).name),
         "tokens": sum(d.tokens.numel() for d in domains),
@@ -86,6 +105,7 @@ def main() -> None:
         "overhead_vs_decoder": round(med["profiled"] / med["plain_decoder"] - 1, 4),
         "overhead_vs_lm": round(med["profiled"] / med["plain_lm"] - 1, 4),
         "overhead_vs_decoder_min": round(min(times["profiled"]) / min(times["plain_decoder"]) - 1, 4),
+        "tap_share": tap_share,
     }
     print(json.dumps(res, indent=1))
     if a.output:

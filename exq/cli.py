@@ -51,6 +51,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--output", required=True, help="profile path, NAME.json (arrays go to NAME.npz)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG picture of the profile (NAME.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     def run(a: argparse.Namespace) -> int:
@@ -67,9 +68,14 @@ def _add_profile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
             progress=not a.quiet,
         )
         path = prof.save(a.output)
+        written = [path, path.with_suffix(".npz")]
+        if not a.no_plot:
+            from exq.profiling.plot import plot_profile
+
+            written.append(plot_profile(prof, path.with_suffix(".png")))
         if not a.quiet:
             print(_profile_table(prof))
-            print(f"wrote {path} and {path.with_suffix('.npz')}")
+            print("wrote " + ", ".join(map(str, written)))
         return 0
 
     return run

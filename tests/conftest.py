@@ -27,7 +27,9 @@ DEMO_MODEL = REPO / "demo" / "model"
 DEMO_CORPUS = REPO / "demo" / "corpus"
 
 if SHARED is not None:
-    REAL_MODELS = {n: SHARED / "models" / n for n in ("olmoe-mini", "qwen3moe-mini") if (SHARED / "models" / n).is_dir()}
+    REAL_MODELS = {
+        n: SHARED / "models" / n for n in ("olmoe-mini", "qwen3moe-mini") if (SHARED / "models" / n).is_dir()
+    }
     CORPUS_DIR = SHARED / "corpus"
     DOMAINS = ("austen", "shakespeare", "kjv", "pydocs")
 else:

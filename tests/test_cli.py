@@ -50,6 +50,7 @@ def test_profile_command_writes_a_valid_profile(tmp_path, capsys):
     assert code == 0, err
     assert "wrote" in stdout and "austen.valid" in stdout
     prof = RoutingProfile.load(out)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert prof.tokens == 3000 and prof.domain_names == ["austen.valid", "kjv.valid"]
     assert [d.tokens for d in prof.domains] == [1500, 1500]
 

@@ -16,8 +16,23 @@ from exq.models import load_model, load_tokenizer, moe_layers
 from exq.profiling import RoutingProfile, profile, profile_domains
 
 
+def router_logits(model, layers, batch):
+    """The model's own router logits: `output_router_logits`, or (transformers versions whose DeepSeek outputs lack
+    that field) the first output of each router, captured by a hook. Only logits are taken; selection is exq's rule."""
+    captured = []
+    hooks = [m.router.register_forward_hook(lambda mod, a, out: captured.append(out[0])) for m in layers]
+    try:
+        res = model(input_ids=batch.to(DEVICE), output_router_logits=True, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    logits = getattr(res, "router_logits", None) or captured
+    assert len(logits) == len(layers)
+    return logits
+
+
 def reference_stats(model, domains, seq_len, batch_size):
-    """Per domain and layer: expert ids, routing weights and router probabilities from output_router_logits."""
+    """Per domain and layer: expert ids, routing weights and router probabilities from the router logits."""
     layers = moe_layers(model)
     out = []
     with torch.inference_mode():
@@ -26,17 +41,19 @@ def reference_stats(model, domains, seq_len, batch_size):
             wts = [[] for _ in layers]
             ent = [[] for _ in layers]
             for batch in split_tokens(dom.tokens, seq_len, batch_size):
-                res = model(input_ids=batch.to(DEVICE), output_router_logits=True, use_cache=False)
-                logits = res.router_logits  # on the model's device: top-k ties break the same way there
-                assert len(logits) == len(layers)
-                for i, (m, lg) in enumerate(zip(layers, logits, strict=True)):
+                # on the model's device, so top-k ties break as they do in the router
+                for i, (m, lg) in enumerate(zip(layers, router_logits(model, layers, batch), strict=True)):
                     w, idx = m.rule.select(lg, m.correction_bias)
                     ids[i].append(idx.cpu().numpy())
                     wts[i].append(w.double().cpu().numpy())
                     p = m.rule.probabilities(lg).double().cpu().numpy()
                     ent[i].append(-(p * np.log(np.where(p > 0, p, 1))).sum(axis=1))
             out.append(
-                ([np.concatenate(x) for x in ids], [np.concatenate(x) for x in wts], [np.concatenate(x) for x in ent])
+                (
+                    [np.concatenate(x) for x in ids],
+                    [np.concatenate(x) for x in wts],
+                    [np.concatenate(x) for x in ent],
+                )
             )
     return layers, out
 
@@ -139,3 +156,16 @@ def test_save_load_roundtrip_is_exact(tmp_path):
         return {k: v for k, v in json.loads(p.read_text()).items() if k not in ("arrays", "content_sha256")}
 
     assert header(tmp_path / "p.json") == header(tmp_path / "q.json")
+
+
+def test_plot_single_and_multi_layer(tmp_path):
+    from exq.profiling import DomainInfo, LayerProfile
+    from exq.profiling.plot import plot_profile
+
+    lp = LayerProfile(0, 0, 4, 2, np.array([[3, 1, 0, 0]]), np.zeros((1, 4)), np.array([1.0]), None)
+    one = RoutingProfile({}, [DomainInfo("d", "", "", 2)], [lp], 2, 1, "float32")
+    model = tiny_model("mixtral", seed=13)
+    many = profile_domains(model, [Domain("d", None, torch.randint(0, 96, (90,)))], seq_len=30, progress=False)
+    for name, prof in (("one", one), ("many", many)):
+        path = plot_profile(prof, tmp_path / f"{name}.png")
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5_000

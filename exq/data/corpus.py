@@ -1,8 +1,8 @@
 """Corpus files -> per-domain token streams.
 
 Each file is one domain. Only as much text is read and tokenized as the tokens asked for need, so taking 20 k tokens
-from a 10 MB file reads only the start of it. Sequences are contiguous windows of the stream, without special tokens and without padding: every position
-profiled is a real token.
+from a 10 MB file reads only the start of it. Sequences are contiguous windows of the stream, without special tokens
+and without padding: every position profiled is a real token.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run calibration tokens through a model and count what every router chose.
 
 A forward hook on each router reads the (logits, weights, expert ids) the router itself returned, so the counts are the
-model's real decisions, never a re-derivation. All statistics accumulate on the model's device with bincount: no
+model's real decisions, never a re-derivation. All statistics accumulate on the model's device by scatter-add: no
 per-token Python, no host sync until the end.
 """
 
@@ -51,13 +51,14 @@ class _RouterTap:
         e, k = layer.num_experts, layer.top_k
         ids = ids.reshape(-1, k)
         flat = ids.reshape(-1)
-        self.counts[i][d] += torch.bincount(flat, minlength=e)
-        self.mass[i][d] += torch.bincount(flat, weights=weights.reshape(-1).double(), minlength=e)
+        # index_add_, not bincount: CUDA's bincount reads the max id back to the host, a sync per call.
+        self.counts[i][d].index_add_(0, flat, torch.ones_like(flat))
+        self.mass[i][d].index_add_(0, flat, weights.reshape(-1).to(torch.float64))
         p = layer.rule.probabilities(logits.reshape(-1, e))
         self.entropy[i][d] -= torch.special.xlogy(p, p).sum(dtype=torch.float64)
         if i > 0 and self._prev_ids is not None:
-            pairs = self._prev_ids[:, :, None] * e + ids[:, None, :]
-            self.coact[i - 1][d] += torch.bincount(pairs.reshape(-1), minlength=self.coact[i - 1].shape[1])
+            pairs = (self._prev_ids[:, :, None] * e + ids[:, None, :]).reshape(-1)
+            self.coact[i - 1][d].index_add_(0, pairs, torch.ones_like(pairs))
         self._prev_ids = ids
 
     def layer_profiles(self) -> list[LayerProfile]:
