@@ -55,6 +55,11 @@ def test_profile_command_writes_a_valid_profile(tmp_path, capsys):
     assert [d.tokens for d in prof.domains] == [1500, 1500]
 
 
+def profile_cmd(model, corpus, tmp_path, tokens: int = 100) -> list[str]:
+    out = str(tmp_path / "p.json")
+    return ["profile", "--model", str(model), "--corpus", str(corpus), "--tokens", str(tokens), "--output", out]
+
+
 def expect_error(capsys, match: str, *args: str) -> str:
     code, _, err = run(capsys, *args)
     assert code == 2
@@ -64,54 +69,18 @@ def expect_error(capsys, match: str, *args: str) -> str:
 
 
 def test_nonexistent_model_path(tmp_path, capsys):
-    expect_error(
-        capsys,
-        "does not exist",
-        "profile",
-        "--model",
-        str(tmp_path / "no-model"),
-        "--corpus",
-        CORPUS,
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    expect_error(capsys, "does not exist", *profile_cmd(str(tmp_path / "no-model"), CORPUS, tmp_path))
     assert not (tmp_path / "p.json").exists()
 
 
 def test_folder_without_config(tmp_path, capsys):
-    expect_error(
-        capsys,
-        "has no config.json",
-        "profile",
-        "--model",
-        str(tmp_path),
-        "--corpus",
-        CORPUS,
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    expect_error(capsys, "has no config.json", *profile_cmd(str(tmp_path), CORPUS, tmp_path))
 
 
 def test_dense_model(tmp_path, capsys):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
-    err = expect_error(
-        capsys,
-        "dense model",
-        "profile",
-        "--model",
-        str(tmp_path / "llama"),
-        "--corpus",
-        CORPUS,
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    err = expect_error(capsys, "dense model", *profile_cmd(str(tmp_path / "llama"), CORPUS, tmp_path))
     assert "Qwen3-MoE" in err
 
 
@@ -128,67 +97,19 @@ def test_dense_model(tmp_path, capsys):
 def test_bad_corpus_files(tmp_path, capsys, content, match):
     f = tmp_path / "bad.txt"
     f.write_bytes(content)
-    expect_error(
-        capsys,
-        match,
-        "profile",
-        "--model",
-        str(DEMO_MODEL),
-        "--corpus",
-        str(f),
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    expect_error(capsys, match, *profile_cmd(str(DEMO_MODEL), str(f), tmp_path))
     assert not (tmp_path / "p.json").exists()
 
 
 def test_corpus_directory_and_missing_file(tmp_path, capsys):
-    expect_error(
-        capsys,
-        "is a directory",
-        "profile",
-        "--model",
-        str(DEMO_MODEL),
-        "--corpus",
-        str(tmp_path),
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
-    expect_error(
-        capsys,
-        "does not exist",
-        "profile",
-        "--model",
-        str(DEMO_MODEL),
-        "--corpus",
-        str(tmp_path / "none.txt"),
-        "--tokens",
-        "100",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    expect_error(capsys, "is a directory", *profile_cmd(str(DEMO_MODEL), str(tmp_path), tmp_path))
+    expect_error(capsys, "does not exist", *profile_cmd(str(DEMO_MODEL), str(tmp_path / "none.txt"), tmp_path))
 
 
 def test_corpus_too_short(tmp_path, capsys):
     f = tmp_path / "short.txt"
     f.write_text("only a few words here\n")
-    expect_error(
-        capsys,
-        "lower --tokens",
-        "profile",
-        "--model",
-        str(DEMO_MODEL),
-        "--corpus",
-        str(f),
-        "--tokens",
-        "5000",
-        "--output",
-        str(tmp_path / "p.json"),
-    )
+    expect_error(capsys, "lower --tokens", *profile_cmd(str(DEMO_MODEL), str(f), tmp_path, tokens=5000))
 
 
 @pytest.mark.parametrize("tokens", ["0", "-5", "many"])

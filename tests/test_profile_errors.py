@@ -143,3 +143,13 @@ def test_save_refuses_directory_and_npz_name(saved, tmp_path):
     with pytest.raises(FormatError, match=r"should end in \.json"):
         prof.save(tmp_path / "p.npz")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_resealed_header_missing_fields(saved, tmp_path):
+    p = _copy(saved, tmp_path)
+    _rewrite(p, lambda h: h["layers"][0].pop("top_k"))
+    with pytest.raises(FormatError, match="missing a field"):
+        RoutingProfile.load(p)
+    _rewrite(p, lambda h: h.pop("arrays"))
+    with pytest.raises(FormatError, match="missing a field"):
+        RoutingProfile.load(p)

@@ -226,16 +226,17 @@ def _validate(h: object, path: Path) -> RoutingProfile:
     try:
         run, model, layers_meta = h["run"], h["model"], h["layers"]
         domains = [DomainInfo(**d) for d in h["domains"]]
-        arrays_meta = dict(h["arrays"])
+        arrays_file, arrays_sha = Path(str(h["arrays"]["file"])).name, str(h["arrays"]["sha256"])
         seq_len, batch_size, dtype = int(run["seq_len"]), int(run["batch_size"]), str(run["dtype"])
+        shapes = [(int(m["num_experts"]), int(m["top_k"]), int(m["layer_index"])) for m in layers_meta]
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"routing profile {path} is missing a field ({e})", "re-create it with `exq profile`") from e
-    _need(isinstance(model, dict) and bool(domains) and bool(layers_meta), path, "empty model, domains or layers")
+    _need(isinstance(model, dict) and bool(domains) and bool(shapes), path, "empty model, domains or layers")
 
-    arrays_path = path.parent / Path(str(arrays_meta.get("file", ""))).name
+    arrays_path = path.parent / arrays_file
     if not arrays_path.is_file():
         raise FormatError(f"routing profile arrays {arrays_path} are missing", "keep the .npz next to the .json")
-    if sha256_file(arrays_path) != arrays_meta["sha256"]:
+    if sha256_file(arrays_path) != arrays_sha:
         raise FormatError(
             f"routing profile arrays {arrays_path} do not belong to {path} (hash mismatch: overwritten or corrupt)",
             "re-create the profile with `exq profile`",
@@ -249,8 +250,7 @@ def _validate(h: object, path: Path) -> RoutingProfile:
     n_dom = len(domains)
     tok = np.array([d.tokens for d in domains], dtype=np.int64)
     layers: list[LayerProfile] = []
-    for i, meta in enumerate(layers_meta):
-        e, k = int(meta["num_experts"]), int(meta["top_k"])
+    for i, (e, k, layer_index) in enumerate(shapes):
         get = arrays.get
         counts, mass, ent = get(f"layer{i}.counts"), get(f"layer{i}.gate_mass"), get(f"layer{i}.token_entropy_sum")
         _need(counts is not None and mass is not None and ent is not None, path, f"layer {i} arrays missing")
@@ -262,8 +262,8 @@ def _validate(h: object, path: Path) -> RoutingProfile:
             f"layer {i} counts do not sum to tokens x top_k",
         )
         coact = get(f"layer{i}.coact")
-        if i + 1 < len(layers_meta):
-            e_next, k_next = int(layers_meta[i + 1]["num_experts"]), int(layers_meta[i + 1]["top_k"])
+        if i + 1 < len(shapes):
+            e_next, k_next, _ = shapes[i + 1]
             _need(coact is not None and coact.shape == (n_dom, e, e_next), path, f"layer {i} co-activation shape")
             _need(
                 np.array_equal(coact.sum(axis=2), counts * k_next),
@@ -272,7 +272,7 @@ def _validate(h: object, path: Path) -> RoutingProfile:
             )
         else:
             _need(coact is None, path, "co-activation stored for the last layer")
-        layers.append(LayerProfile(i, int(meta["layer_index"]), e, k, counts, mass, ent, coact))
+        layers.append(LayerProfile(i, layer_index, e, k, counts, mass, ent, coact))
     return RoutingProfile(
         model=model,
         domains=domains,
