@@ -145,11 +145,9 @@ def test_save_refuses_directory_and_npz_name(saved, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def test_resealed_header_missing_fields(saved, tmp_path):
+@pytest.mark.parametrize("edit", [lambda h: h["layers"][0].pop("top_k"), lambda h: h.pop("arrays")], ids=["k", "arr"])
+def test_resealed_header_missing_fields(saved, tmp_path, edit):
     p = _copy(saved, tmp_path)
-    _rewrite(p, lambda h: h["layers"][0].pop("top_k"))
-    with pytest.raises(FormatError, match="missing a field"):
-        RoutingProfile.load(p)
-    _rewrite(p, lambda h: h.pop("arrays"))
+    _rewrite(p, edit)
     with pytest.raises(FormatError, match="missing a field"):
         RoutingProfile.load(p)
