@@ -9,10 +9,16 @@ from exq.errors import ExqError, FormatError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from exq.compiler import Artifact, compile_plan
     from exq.profiling import RoutingProfile, profile
 
 # Stage entries load on first use, so `exq --help` and `import exq` don't pay for torch and transformers.
-_LAZY = {"profile": "exq.profiling", "RoutingProfile": "exq.profiling"}
+_LAZY = {
+    "profile": "exq.profiling",
+    "RoutingProfile": "exq.profiling",
+    "compile_plan": "exq.compiler",
+    "Artifact": "exq.compiler",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +29,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'exq' has no attribute {name!r}")
 
 
-__all__ = ["ExqError", "FormatError", "RoutingProfile", "__version__", "profile"]
+__all__ = ["Artifact", "ExqError", "FormatError", "RoutingProfile", "__version__", "compile_plan", "profile"]

@@ -92,3 +92,82 @@ def read_json(path: str | Path, what: str) -> Any:
             "edited by hand",
             "re-create it with the exq command that wrote it",
         ) from e
+
+
+# ---- sealed files: a versioned JSON header (+ an optional .npz of arrays), each hashed ----
+
+
+def seal(header: dict) -> dict:
+    """Add `content_sha256`, a hash of everything else, so any later edit is detected on load."""
+    body = {k: v for k, v in header.items() if k != "content_sha256"}
+    return {**body, "content_sha256": sha256_bytes(dumps_json(body))}
+
+
+def save_sealed(path: str | Path, header: dict, arrays: dict | None = None) -> Path:
+    """Write NAME.json (and NAME.npz when arrays are given), both atomically; the JSON records the arrays' hash."""
+    import io
+
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        raise ExqError(f"output path {path} is a directory", "give a file name ending in .json")
+    if path.suffix != ".json":
+        raise ExqError(f"output path {path} should end in .json")
+    header = dict(header)
+    if arrays is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        data = buf.getvalue()
+        atomic_write_bytes(path.with_suffix(".npz"), data)
+        header["arrays"] = {"file": path.with_suffix(".npz").name, "sha256": sha256_bytes(data)}
+    atomic_write_json(path, seal(header))
+    return path
+
+
+def load_sealed(path: str | Path, fmt: str, version: int, what: str, remake: str) -> tuple[dict, dict]:
+    """Read a sealed file: check its format name, schema version, content hash and arrays hash.
+
+    Returns (header, arrays); `remake` is the command that re-creates the file, for the error hints.
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    h = read_json(path, what)
+    if not isinstance(h, dict) or h.get("format") != fmt:
+        got = h.get("format") if isinstance(h, dict) else type(h).__name__
+        raise FormatError(f"{path} is not an exq {what} (format {got!r})")
+    got = h.get("schema_version")
+    if got != version:
+        newer = isinstance(got, int) and got > version
+        raise FormatError(
+            f"{what} {path} has schema version {got}; this exq reads version {version}",
+            "upgrade exq" if newer else f"re-create it with `{remake}`",
+        )
+    if h.get("content_sha256") != seal(h)["content_sha256"]:
+        raise FormatError(
+            f"{what} {path} was modified after it was written (content hash mismatch)",
+            f"re-create it with `{remake}`; do not edit it by hand",
+        )
+    arrays: dict = {}
+    if "arrays" in h:
+        try:
+            arrays_path = path.parent / Path(str(h["arrays"]["file"])).name
+            want = str(h["arrays"]["sha256"])
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{what} {path} has a malformed arrays entry", f"re-create it with `{remake}`") from e
+        if not arrays_path.is_file():
+            raise FormatError(f"{what} arrays {arrays_path} are missing", "keep the .npz next to the .json")
+        if sha256_file(arrays_path) != want:
+            raise FormatError(
+                f"{what} arrays {arrays_path} do not belong to {path} (hash mismatch: overwritten or corrupt)",
+                f"re-create it with `{remake}`",
+            )
+        try:
+            with np.load(arrays_path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise FormatError(f"cannot read {what} arrays {arrays_path}: {e}") from e
+    return h, arrays

@@ -50,3 +50,12 @@ def real_model_path(request) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     return DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_profile():
+    """The demo model profiled on both demo domains (4,000 tokens): shapes fit every group-128 format."""
+    from exq.profiling import profile
+
+    files = [DEMO_CORPUS / "austen.valid.txt.gz", DEMO_CORPUS / "kjv.valid.txt.gz"]
+    return profile(DEMO_MODEL, files, 4000, seq_len=256, batch_size=4, device="cpu", progress=False)

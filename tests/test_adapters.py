@@ -17,13 +17,14 @@ FAMILIES = sorted(tiny_configs())
 EXPECTED_LAYERS = {  # decoder-layer indices that hold routed experts
     "olmoe": [0, 1, 2],
     "qwen2_moe": [0, 2],  # layer 1 is in mlp_only_layers
+    "qwen2_moe_h128": [0, 1],
     "qwen3_moe": [0, 1, 2],
     "mixtral": [0, 1],
     "deepseek_v2": [1, 2],  # first_k_dense_replace=1
     "deepseek_v2_greedy": [0, 1],
     "deepseek_v3": [1, 2],
 }
-HAS_SHARED = {"qwen2_moe", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3"}
+HAS_SHARED = {"qwen2_moe", "qwen2_moe_h128", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -34,7 +35,7 @@ def test_layers_found_and_dense_layers_skipped(family):
     assert [m.index for m in layers] == list(range(len(layers)))
     for m in layers:
         assert (m.shared_experts is not None) == (family in HAS_SHARED)
-        assert (m.shared_gate is not None) == (family == "qwen2_moe")
+        assert (m.shared_gate is not None) == family.startswith("qwen2_moe")
         assert m.num_experts == m.experts.gate_up_proj.shape[0]
 
 

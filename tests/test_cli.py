@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 import sys
 
@@ -148,3 +149,57 @@ def test_verbose_shows_traceback_for_debugging(tmp_path, capsys):
         str(tmp_path / "p.json"),
     )
     assert code == 2 and "Traceback" in err and "does not exist" in err
+
+
+@pytest.fixture
+def profile_file(tmp_path, demo_profile):
+    return demo_profile.save(tmp_path / "prof.json")
+
+
+def test_compile_and_diagnose_commands(tmp_path, capsys, profile_file):
+    plan = tmp_path / "plan.json"
+    code, out, err = run(capsys, "compile", "--profile", str(profile_file), "--budget", "3.5bpw", "--output", str(plan))
+    assert code == 0, err
+    assert "bits per weight" in out and "milp" in out
+    code, out, err = run(
+        capsys, "diagnose", "--profile", str(profile_file), "--artifact", str(plan), "--output", str(tmp_path / "diag")
+    )
+    assert code == 0, err
+    assert "allocation hope" in out and (tmp_path / "diag" / "diagnose.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "diag" / "diagnose.json").read_text())["plan"]["bits_per_weight"] <= 3.5
+
+
+def test_compile_errors(tmp_path, capsys, profile_file):
+    out = str(tmp_path / "plan.json")
+    expect_error(capsys, "infeasible", "compile", "--profile", str(profile_file), "--budget", "1bpw", "--output", out)
+    expect_error(
+        capsys, "cannot read budget", "compile", "--profile", str(profile_file), "--budget", "lots", "--output", out
+    )
+    expect_error(
+        capsys,
+        "unknown format",
+        "compile",
+        "--profile",
+        str(profile_file),
+        "--budget",
+        "int4",
+        "--formats",
+        "int4,nf4",
+        "--output",
+        out,
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "exq.routing-profile"')
+    expect_error(capsys, "not valid JSON", "compile", "--profile", str(bad), "--budget", "int4", "--output", out)
+    expect_error(
+        capsys,
+        "does not exist",
+        "compile",
+        "--profile",
+        str(tmp_path / "nope.json"),
+        "--budget",
+        "int4",
+        "--output",
+        out,
+    )
+    assert not (tmp_path / "plan.json").exists()

@@ -75,6 +75,9 @@ def check_against_reference(prof: RoutingProfile, model, domains, seq_len, batch
             assert prof.counts(i, dom.name).sum() == n * m.top_k
             np.testing.assert_allclose(prof.gate_mass(i, dom.name), mass, rtol=1e-3, atol=1e-3)
             np.testing.assert_allclose(prof.mean_token_entropy(i, dom.name), ent[i].mean(), rtol=1e-4)
+            same = np.zeros((e, e), dtype=np.int64)
+            np.add.at(same, (ids[i][:, :, None], ids[i][:, None, :]), 1)
+            assert np.array_equal(prof.coselection(i, dom.name), same)
             if i + 1 < len(layers):
                 c = np.zeros((e, layers[i + 1].num_experts), dtype=np.int64)
                 np.add.at(c, (ids[i][:, :, None], ids[i + 1][:, None, :]), 1)
@@ -125,13 +128,21 @@ def test_domains_add_up_and_views_are_consistent(tmp_path):
             assert (p >= 0).all() and (p <= 1 + 1e-12).all()
 
 
-def test_marginal_entropy_hand_computed():
-    """Counts [3, 1, 0, 0] of 2 tokens x top-2: shares 3/4, 1/4 -> H = -(.75 ln .75 + .25 ln .25)."""
-    from exq.profiling import DomainInfo, LayerProfile
+def hand_layer():
+    """2 tokens, top-2 of 4 experts: token 1 chose {0, 1}, token 2 chose {0, 2}; per-token entropies sum to 1.0."""
+    from exq.profiling import LayerProfile
 
-    lp = LayerProfile(0, 0, 4, 2, np.array([[3, 1, 0, 0]]), np.zeros((1, 4)), np.array([1.0]), None)
+    cosel = np.array([[[2, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]])
+    return LayerProfile(0, 0, 4, 2, np.array([[2, 1, 1, 0]]), np.zeros((1, 4)), np.array([1.0]), cosel, None)
+
+
+def test_marginal_entropy_hand_computed():
+    """Shares 1/2, 1/4, 1/4, 0 -> H = -(.5 ln .5 + 2 x .25 ln .25)."""
+    from exq.profiling import DomainInfo
+
+    lp = hand_layer()
     prof = RoutingProfile({}, [DomainInfo("d", "", "", 2)], [lp], 2, 1, "float32")
-    assert prof.marginal_entropy(0) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert prof.marginal_entropy(0) == pytest.approx(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25)))
     assert prof.mean_token_entropy(0) == pytest.approx(0.5)
 
 
@@ -146,7 +157,7 @@ def test_save_load_roundtrip_is_exact(tmp_path):
     assert back.model == prof.model and back.domains == prof.domains and back.seq_len == 40
     for a, b in zip(prof.layers, back.layers, strict=True):
         assert np.array_equal(a.counts, b.counts) and np.array_equal(a.gate_mass, b.gate_mass)
-        assert np.array_equal(a.token_entropy_sum, b.token_entropy_sum)
+        assert np.array_equal(a.token_entropy_sum, b.token_entropy_sum) and np.array_equal(a.cosel, b.cosel)
         assert (a.coact is None and b.coact is None) or np.array_equal(a.coact, b.coact)
     # saving twice gives identical bytes (deterministic format)
     back.save(tmp_path / "q.json")
@@ -159,10 +170,10 @@ def test_save_load_roundtrip_is_exact(tmp_path):
 
 
 def test_plot_single_and_multi_layer(tmp_path):
-    from exq.profiling import DomainInfo, LayerProfile
+    from exq.profiling import DomainInfo
     from exq.profiling.plot import plot_profile
 
-    lp = LayerProfile(0, 0, 4, 2, np.array([[3, 1, 0, 0]]), np.zeros((1, 4)), np.array([1.0]), None)
+    lp = hand_layer()
     one = RoutingProfile({}, [DomainInfo("d", "", "", 2)], [lp], 2, 1, "float32")
     model = tiny_model("mixtral", seed=13)
     many = profile_domains(model, [Domain("d", None, torch.randint(0, 96, (90,)))], seq_len=30, progress=False)

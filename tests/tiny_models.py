@@ -39,6 +39,15 @@ def tiny_configs() -> dict:
             norm_topk_prob=False,
             mlp_only_layers=[1],
         ),
+        "qwen2_moe_h128": Qwen2MoeConfig(  # group-128 formats fit every matrix, shared expert and attention too
+            **{**COMMON, "hidden_size": 128},
+            num_hidden_layers=2,
+            intermediate_size=128,
+            moe_intermediate_size=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=128,
+        ),
         "qwen3_moe": Qwen3MoeConfig(
             **COMMON,
             head_dim=16,

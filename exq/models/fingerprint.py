@@ -42,8 +42,38 @@ def router_hash(layers: list[MoELayer]) -> str:
     return h.hexdigest()
 
 
+def _linears(module: nn.Module | None) -> list[list]:
+    """[name, out, in] of every nn.Linear inside a module, in registration order."""
+    if module is None:
+        return []
+    return [[n, m.out_features, m.in_features] for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def structure(model: nn.Module, layers: list[MoELayer]) -> dict:
+    """Matrix shapes a precision plan is counted on: routed experts, shared experts, attention of every layer."""
+    from exq.models.registry import adapter_for
+
+    decoder = adapter_for(model.config).decoder_layers(model)
+    return {
+        "num_layers": len(decoder),
+        "moe_layers": [
+            {
+                "layer_index": m.layer_index,
+                "num_experts": m.num_experts,
+                "top_k": m.top_k,
+                "hidden_size": m.hidden_size,
+                "intermediate_size": m.intermediate_size,
+                "shared": _linears(m.shared_experts),
+            }
+            for m in layers
+        ],
+        "attention": [_linears(getattr(layer, "self_attn", None)) for layer in decoder],
+    }
+
+
 def fingerprint(model: nn.Module, layers: list[MoELayer]) -> dict:
     return {
+        "structure": structure(model, layers),
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
         "config_sha256": config_hash(model.config),

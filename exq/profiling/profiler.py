@@ -37,11 +37,15 @@ class _RouterTap:
         self.counts = [torch.zeros(n_domains, m.num_experts, dtype=torch.long, device=device) for m in layers]
         self.mass = [torch.zeros(n_domains, m.num_experts, dtype=torch.float64, device=device) for m in layers]
         self.entropy = [torch.zeros(n_domains, dtype=torch.float64, device=device) for _ in layers]
+        self.cosel = [torch.zeros(n_domains, m.num_experts**2, dtype=torch.long, device=device) for m in layers]
         self.coact = [
             torch.zeros(n_domains, a.num_experts * b.num_experts, dtype=torch.long, device=device)
             for a, b in itertools.pairwise(layers)
         ]
         self._prev_ids: torch.Tensor | None = None
+
+    def set_domain(self, d: int) -> None:
+        self.domain = d
 
     def start_batch(self) -> None:
         self._prev_ids = None
@@ -54,6 +58,8 @@ class _RouterTap:
         # index_add_, not bincount: CUDA's bincount reads the max id back to the host, a sync per call.
         self.counts[i][d].index_add_(0, flat, torch.ones_like(flat))
         self.mass[i][d].index_add_(0, flat, weights.reshape(-1).to(torch.float64))
+        same = (ids[:, :, None] * e + ids[:, None, :]).reshape(-1)
+        self.cosel[i][d].index_add_(0, same, torch.ones_like(same))
         p = layer.rule.probabilities(logits.reshape(-1, e))
         self.entropy[i][d] -= torch.special.xlogy(p, p).sum(dtype=torch.float64)
         if i > 0 and self._prev_ids is not None:
@@ -76,6 +82,7 @@ class _RouterTap:
                     counts=self.counts[i].cpu().numpy().astype(np.int64),
                     gate_mass=self.mass[i].cpu().numpy(),
                     token_entropy_sum=self.entropy[i].cpu().numpy(),
+                    cosel=self.cosel[i].cpu().numpy().reshape(-1, m.num_experts, m.num_experts),
                     coact=coact,
                 )
             )
@@ -83,19 +90,63 @@ class _RouterTap:
 
 
 @contextmanager
-def _tapped(layers: list[MoELayer], tap: _RouterTap):
+def _tapped(layers: list[MoELayer], observe):
+    """Call observe(i, logits, weights, ids) with every router's own output while the block runs."""
+
     def make_hook(i: int):
         def hook(module: nn.Module, args, output) -> None:
-            tap.observe(i, *Adapter.unpack_router_output(output))
+            observe(i, *Adapter.unpack_router_output(output))
 
         return hook
 
     handles = [m.router.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
     try:
-        yield tap
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _run(
+    model: nn.Module,
+    domains: Sequence[Domain],
+    seq_len: int,
+    batch_size: int,
+    progress: bool,
+    observe,
+    start_domain=None,
+    start_batch=None,
+) -> list[MoELayer]:
+    """Forward every domain's tokens through the decoder with the router taps on."""
+    _check_int("seq_len", seq_len)
+    _check_int("batch_size", batch_size)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ExqError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    layers = moe_layers(model)
+    device = next(model.parameters()).device
+    decoder = getattr(model, "model", model)  # the decoder stack: routing never needs the LM head
+    vocab = model.config.vocab_size
+    total = sum(d.tokens.numel() for d in domains)
+    with (
+        _tapped(layers, observe),
+        torch.inference_mode(),
+        tqdm(total=total, unit="tok", desc="profile", disable=not progress, dynamic_ncols=True) as bar,
+    ):
+        for di, dom in enumerate(domains):
+            if dom.tokens.numel() and (int(dom.tokens.max()) >= vocab or int(dom.tokens.min()) < 0):
+                raise ExqError(
+                    f"domain {dom.name} has token ids outside the model's vocabulary (0..{vocab - 1})",
+                    "use the model's own tokenizer",
+                )
+            if start_domain:
+                start_domain(di)
+            for batch in split_tokens(dom.tokens, seq_len, batch_size):
+                if start_batch:
+                    start_batch()
+                decoder(input_ids=batch.to(device), use_cache=False)
+                bar.update(batch.numel())
+    return layers
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -113,33 +164,18 @@ def profile_domains(
     progress: bool = True,
 ) -> RoutingProfile:
     """Profile already-tokenized domains on a loaded model."""
-    _check_int("seq_len", seq_len)
-    _check_int("batch_size", batch_size)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ExqError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     layers = moe_layers(model)
-    device = next(model.parameters()).device
-    decoder = getattr(model, "model", model)  # the decoder stack: routing never needs the LM head
-    vocab = model.config.vocab_size
-    tap = _RouterTap(layers, len(domains), device)
-    total = sum(d.tokens.numel() for d in domains)
-    with (
-        _tapped(layers, tap),
-        torch.inference_mode(),
-        tqdm(total=total, unit="tok", desc="profile", disable=not progress, dynamic_ncols=True) as bar,
-    ):
-        for di, dom in enumerate(domains):
-            if dom.tokens.numel() and (int(dom.tokens.max()) >= vocab or int(dom.tokens.min()) < 0):
-                raise ExqError(
-                    f"domain {dom.name} has token ids outside the model's vocabulary (0..{vocab - 1})",
-                    "use the model's own tokenizer",
-                )
-            tap.domain = di
-            for batch in split_tokens(dom.tokens, seq_len, batch_size):
-                tap.start_batch()
-                decoder(input_ids=batch.to(device), use_cache=False)
-                bar.update(batch.numel())
+    tap = _RouterTap(layers, len(domains), next(model.parameters()).device)
+    _run(
+        model,
+        domains,
+        seq_len,
+        batch_size,
+        progress,
+        tap.observe,
+        start_domain=tap.set_domain,
+        start_batch=tap.start_batch,
+    )
     return RoutingProfile(
         model=fingerprint(model, layers),
         domains=[
@@ -156,6 +192,22 @@ def profile_domains(
         batch_size=batch_size,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
+
+
+def trace_routing(
+    model: nn.Module, domains: Sequence[Domain], *, seq_len: int = 512, batch_size: int = 8, progress: bool = False
+) -> list[np.ndarray]:
+    """Every token's chosen experts: one [T, k] array per MoE layer (tokens of all domains, in order).
+
+    For evaluating routing predictions (prefetch) on held-out text; a profile keeps only counts.
+    """
+    chunks: dict[int, list[torch.Tensor]] = {}
+
+    def observe(i: int, logits, weights, ids) -> None:
+        chunks.setdefault(i, []).append(ids.reshape(-1, ids.shape[-1]))
+
+    layers = _run(model, domains, seq_len, batch_size, progress, observe)
+    return [torch.cat(chunks[i]).cpu().numpy().astype(np.int64) for i in range(len(layers))]
 
 
 def profile(

@@ -9,16 +9,14 @@ count_i x k_next), so a truncated, hand-edited or mismatched file is refused wit
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from exq.errors import FormatError
-from exq.fileio import atomic_write_bytes, atomic_write_json, dumps_json, read_json, sha256_bytes, sha256_file
+from exq.fileio import load_sealed, save_sealed, seal, sha256_bytes
 from exq.models.fingerprint import check_same_model
 
 FORMAT = "exq.routing-profile"
@@ -36,6 +34,7 @@ class LayerProfile:
     counts: np.ndarray  # [D, E] int64: tokens whose router chose the expert
     gate_mass: np.ndarray  # [D, E] float64: sum of the routing weights applied to the expert
     token_entropy_sum: np.ndarray  # [D] float64: sum over tokens of the router distribution's entropy (nats)
+    cosel: np.ndarray  # [D, E, E] int64: tokens choosing both i and j here (diagonal: counts)
     coact: np.ndarray | None  # [D, E, E_next] int64: tokens choosing i here and j at the next MoE layer
 
 
@@ -106,6 +105,11 @@ class RoutingProfile:
         s = self.layers[layer].token_entropy_sum[self._rows(domain)]
         return float(np.sum(s) / self._tokens(domain))
 
+    def coselection(self, layer: int, domain: str | None = None) -> np.ndarray:
+        """S[i, j]: tokens that chose both experts i and j at MoE layer `layer` (S[i, i] = counts)."""
+        c = self.layers[layer].cosel[self._rows(domain)]
+        return c.sum(axis=0) if domain is None else c.copy()
+
     def coactivation(self, layer: int, domain: str | None = None) -> np.ndarray:
         """C[i, j]: tokens that chose expert i at MoE layer `layer` and expert j at layer `layer + 1`."""
         c = self.layers[layer].coact
@@ -146,11 +150,12 @@ class RoutingProfile:
             arrays[f"layer{i}.counts"] = lp.counts
             arrays[f"layer{i}.gate_mass"] = lp.gate_mass
             arrays[f"layer{i}.token_entropy_sum"] = lp.token_entropy_sum
+            arrays[f"layer{i}.cosel"] = lp.cosel
             if lp.coact is not None:
                 arrays[f"layer{i}.coact"] = lp.coact
         return arrays
 
-    def _header(self, arrays_name: str, arrays_sha: str) -> dict:
+    def _header(self) -> dict:
         return {
             "format": FORMAT,
             "schema_version": self.schema_version,
@@ -163,32 +168,25 @@ class RoutingProfile:
                 for i, lp in enumerate(self.layers)
             ],
             "summary": self.summary(),
-            "arrays": {"file": arrays_name, "sha256": arrays_sha},
         }
 
     def save(self, path: str | Path) -> Path:
         """Write NAME.json and NAME.npz; returns the JSON path."""
-        path = Path(path)
-        if path.is_dir():
-            raise FormatError(f"profile path {path} is a directory", "give a file name, e.g. runs/profile.json")
-        if path.suffix == ".npz":
-            raise FormatError(f"profile path {path} should end in .json; the arrays go next to it in a .npz")
-        arrays_path = path.with_suffix(".npz")
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **self._arrays())
-        data = buf.getvalue()
-        atomic_write_bytes(arrays_path, data)
-        header = self._header(arrays_path.name, sha256_bytes(data))
-        header["content_sha256"] = sha256_bytes(dumps_json(header))
-        atomic_write_json(path, header)
-        return path
+        return save_sealed(path, self._header(), self._arrays())
+
+    @property
+    def content_sha256(self) -> str:
+        """Identity of this profile's content (what a compiled artifact records as its input)."""
+        return seal(
+            {**self._header(), "arrays_sha256": {k: sha256_bytes(v.tobytes()) for k, v in self._arrays().items()}}
+        )["content_sha256"]
 
     @classmethod
     def load(cls, path: str | Path, model: dict | None = None) -> RoutingProfile:
         """Read and validate a profile; `model` (a fingerprint) makes it refuse a profile of another model."""
         path = Path(path)
-        header = read_json(path, "routing profile")
-        prof = _validate(header, path)
+        header, arrays = load_sealed(path, FORMAT, SCHEMA_VERSION, "routing profile", "exq profile")
+        prof = _validate(header, arrays, path)
         if model is not None:
             check_same_model(prof.model, model, f"routing profile {path}")
         return prof
@@ -205,47 +203,16 @@ def _need(cond: bool, path: Path, what: str) -> None:
         raise FormatError(f"routing profile {path} is invalid: {what}", "re-create it with `exq profile`")
 
 
-def _validate(h: object, path: Path) -> RoutingProfile:
-    _need(isinstance(h, dict), path, "top level is not an object")
-    assert isinstance(h, dict)
-    if h.get("format") != FORMAT:
-        raise FormatError(f"{path} is not an exq routing profile (format {h.get('format')!r})")
-    version = h.get("schema_version")
-    if version != SCHEMA_VERSION:
-        newer = isinstance(version, int) and version > SCHEMA_VERSION
-        raise FormatError(
-            f"routing profile {path} has schema version {version}; this exq reads version {SCHEMA_VERSION}",
-            "upgrade exq" if newer else "re-create it with `exq profile`",
-        )
-    body = {k: v for k, v in h.items() if k != "content_sha256"}
-    if h.get("content_sha256") != sha256_bytes(dumps_json(body)):
-        raise FormatError(
-            f"routing profile {path} was modified after it was written (content hash mismatch)",
-            "re-create it with `exq profile`; do not edit profiles by hand",
-        )
+def _validate(h: dict, arrays: dict, path: Path) -> RoutingProfile:
     try:
         run, model, layers_meta = h["run"], h["model"], h["layers"]
         domains = [DomainInfo(**d) for d in h["domains"]]
-        arrays_file, arrays_sha = Path(str(h["arrays"]["file"])).name, str(h["arrays"]["sha256"])
         seq_len, batch_size, dtype = int(run["seq_len"]), int(run["batch_size"]), str(run["dtype"])
         shapes = [(int(m["num_experts"]), int(m["top_k"]), int(m["layer_index"])) for m in layers_meta]
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"routing profile {path} is missing a field ({e})", "re-create it with `exq profile`") from e
     _need(isinstance(model, dict) and bool(domains) and bool(shapes), path, "empty model, domains or layers")
-
-    arrays_path = path.parent / arrays_file
-    if not arrays_path.is_file():
-        raise FormatError(f"routing profile arrays {arrays_path} are missing", "keep the .npz next to the .json")
-    if sha256_file(arrays_path) != arrays_sha:
-        raise FormatError(
-            f"routing profile arrays {arrays_path} do not belong to {path} (hash mismatch: overwritten or corrupt)",
-            "re-create the profile with `exq profile`",
-        )
-    try:
-        with np.load(arrays_path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise FormatError(f"cannot read routing profile arrays {arrays_path}: {e}") from e
+    _need(bool(arrays), path, "no arrays file")
 
     n_dom = len(domains)
     tok = np.array([d.tokens for d in domains], dtype=np.int64)
@@ -261,6 +228,15 @@ def _validate(h: object, path: Path) -> RoutingProfile:
             path,
             f"layer {i} counts do not sum to tokens x top_k",
         )
+        cosel = get(f"layer{i}.cosel")
+        _need(cosel is not None and cosel.shape == (n_dom, e, e), path, f"layer {i} co-selection shape")
+        _need(
+            np.array_equal(np.diagonal(cosel, axis1=1, axis2=2), counts)
+            and np.array_equal(cosel.sum(axis=2), counts * k)
+            and np.array_equal(cosel, cosel.transpose(0, 2, 1)),
+            path,
+            f"layer {i} co-selection is inconsistent with the counts",
+        )
         coact = get(f"layer{i}.coact")
         if i + 1 < len(shapes):
             e_next, k_next, _ = shapes[i + 1]
@@ -272,7 +248,7 @@ def _validate(h: object, path: Path) -> RoutingProfile:
             )
         else:
             _need(coact is None, path, "co-activation stored for the last layer")
-        layers.append(LayerProfile(i, layer_index, e, k, counts, mass, ent, coact))
+        layers.append(LayerProfile(i, layer_index, e, k, counts, mass, ent, cosel, coact))
     return RoutingProfile(
         model=model,
         domains=domains,
@@ -281,5 +257,5 @@ def _validate(h: object, path: Path) -> RoutingProfile:
         batch_size=batch_size,
         dtype=dtype,
         exq_version=str(h.get("exq_version")),
-        schema_version=version,
+        schema_version=int(h["schema_version"]),
     )
