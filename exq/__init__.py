@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from exq.compiler import Artifact, compile_plan
     from exq.profiling import RoutingProfile, profile
+    from exq.runtime import load
 
 # Stage entries load on first use, so `exq --help` and `import exq` don't pay for torch and transformers.
 _LAZY = {
@@ -18,6 +19,7 @@ _LAZY = {
     "RoutingProfile": "exq.profiling",
     "compile_plan": "exq.compiler",
     "Artifact": "exq.compiler",
+    "load": "exq.runtime",
 }
 
 
@@ -29,4 +31,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'exq' has no attribute {name!r}")
 
 
-__all__ = ["Artifact", "ExqError", "FormatError", "RoutingProfile", "__version__", "compile_plan", "profile"]
+__all__ = ["Artifact", "ExqError", "FormatError", "RoutingProfile", "__version__", "compile_plan", "load", "profile"]

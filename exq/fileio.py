@@ -31,7 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; match what open() gives
         os.replace(tmp, path)
     except OSError as e:
         raise ExqError(f"cannot write {path}: {e.strerror or e}") from e
@@ -40,7 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

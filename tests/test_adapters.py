@@ -23,8 +23,9 @@ EXPECTED_LAYERS = {  # decoder-layer indices that hold routed experts
     "deepseek_v2": [1, 2],  # first_k_dense_replace=1
     "deepseek_v2_greedy": [0, 1],
     "deepseek_v3": [1, 2],
+    "deepseek_v3_h128": [1, 2],
 }
-HAS_SHARED = {"qwen2_moe", "qwen2_moe_h128", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3"}
+HAS_SHARED = {"qwen2_moe", "qwen2_moe_h128", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3", "deepseek_v3_h128"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

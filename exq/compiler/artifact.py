@@ -44,6 +44,7 @@ class Artifact:
     cost_source: dict
     solver: dict
     inputs: dict
+    routing: list[list[float]] | None = None  # per MoE layer, each expert's share of routed slots (for reports)
     exq_version: str = field(default_factory=_exq_version)
 
     # ---- derived --------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class Artifact:
             "cost_source": self.cost_source,
             "solver": self.solver,
             "inputs": self.inputs,
+            "routing": self.routing,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -142,6 +144,7 @@ class Artifact:
                 cost_source=h["cost_source"],
                 solver=h["solver"],
                 inputs=h["inputs"],
+                routing=h.get("routing"),
                 exq_version=str(h["exq_version"]),
             )
             recorded = int(h["summary"]["bytes"])
@@ -176,6 +179,8 @@ class Artifact:
                     raise bad(f"layer {li} {block} layout: {why}")
             if self.granularity == "expert" and plan["gate_up"] != plan["down"]:
                 raise bad(f"layer {li}: expert granularity needs one format per expert")
+        if self.routing is not None and [len(r) for r in self.routing] != [int(m["num_experts"]) for m in layers]:
+            raise bad("routing shares do not match the experts")
         used = {name for _, name in self.units()}
         not_runnable = sorted(f for f in used if self.runtime not in FORMATS[f].runtimes)
         if not_runnable:

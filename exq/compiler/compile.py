@@ -119,6 +119,7 @@ def compile_plan(
             "profile_sha256": profile.content_sha256,
             "sensitivity_sha256": sensitivity.content_sha256 if sensitivity is not None else None,
         },
+        routing=[[round(float(x), 6) for x in profile.share(li)] for li in range(len(profile.layers))],
     )
     art.validate()
     return art, sol

@@ -143,6 +143,32 @@ def load_domains(paths: list[str | Path], tokenizer, tokens: int) -> list[Domain
     return domains
 
 
+def split_domains(domains: list[Domain], first: int) -> tuple[list[Domain], list[Domain]]:
+    """Cut each domain in two: its even share of `first` tokens, and the rest (e.g. calibration / held-out probes)."""
+    shares = split_evenly(first, len(domains))
+    head = [Domain(d.name, d.path, d.tokens[:n]) for d, n in zip(domains, shares, strict=True)]
+    tail = [Domain(d.name, d.path, d.tokens[n:]) for d, n in zip(domains, shares, strict=True)]
+    return head, tail
+
+
+def resolve_recorded(file: str, sha256: str | None, base: Path | None) -> Path:
+    """A corpus file recorded by an earlier stage: as given, else next to the file that recorded it; same bytes."""
+    from exq.fileio import sha256_file
+
+    for cand in (Path(file), (base / file) if base else None, (base / Path(file).name) if base else None):
+        if cand is not None and cand.is_file():
+            if sha256 and sha256_file(cand) != sha256:
+                raise ExqError(
+                    f"corpus file {cand} has changed since it was recorded (sha256 mismatch)",
+                    "pass the calibration text explicitly with --corpus",
+                )
+            return cand
+    raise ExqError(
+        f"corpus file {file} (recorded by an earlier stage) was not found",
+        "pass the calibration text explicitly with --corpus",
+    )
+
+
 def split_tokens(tokens: torch.Tensor, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:
     """[B, L] batches of consecutive windows; the ragged tail goes alone, so no position is padding."""
     full = tokens.numel() // seq_len

@@ -39,6 +39,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return DTYPES[dtype]
 
 
+def context_len(model: nn.Module, wanted: int | None, default: int) -> int:
+    """The sequence length to use: what the user asked for, else `default` cut to the model's context."""
+    if wanted is not None:
+        return wanted
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    return min(default, max_pos) if max_pos else default
+
+
 def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
 
@@ -89,6 +97,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype | None = "auto", de
             "check that every shard listed in model.safetensors.index.json is present",
         )
     log.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, dev)
+    model.requires_grad_(False)  # exq never trains weights; stages that need activation gradients ask for them
     return model.to(dev).eval()
 
 

@@ -23,6 +23,7 @@ from exq.errors import ExqError
 from exq.fileio import sha256_file
 from exq.models import MoELayer, fingerprint, load_model, load_tokenizer, moe_layers
 from exq.models.base import Adapter
+from exq.models.loading import context_len
 from exq.profiling.routing_profile import DomainInfo, LayerProfile, RoutingProfile
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def profile_domains(
         domains=[
             DomainInfo(
                 name=d.name,
-                file=d.path.name if d.path is not None else "",
+                file=str(d.path) if d.path is not None else "",
                 sha256=sha256_file(d.path) if d.path is not None and d.path.is_file() else "",
                 tokens=int(d.tokens.numel()),
             )
@@ -215,7 +216,7 @@ def profile(
     corpus: str | Path | Sequence[str | Path] | Mapping[str, torch.Tensor],
     tokens: int | None = None,
     *,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 8,
     tokenizer=None,
     dtype: str | torch.dtype | None = "auto",
@@ -227,6 +228,7 @@ def profile(
     model: a checkpoint folder (or hub id), or a loaded transformers MoE model.
     corpus: text file(s) (plain or .gz), one domain each, or a mapping of domain name -> token ids.
     tokens: total tokens to run for text files, split evenly over them (required for files).
+    seq_len: tokens per sequence; default 512, or the model's context if shorter.
     """
     if isinstance(model, (str, Path)):
         model_path = model
@@ -247,4 +249,5 @@ def profile(
         paths = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
         domains = load_domains(paths, tokenizer, tokens)
     log.info("profiling %d tokens over %d domain(s)", sum(d.tokens.numel() for d in domains), len(domains))
+    seq_len = context_len(model, seq_len, 512)
     return profile_domains(model, domains, seq_len=seq_len, batch_size=batch_size, progress=progress)

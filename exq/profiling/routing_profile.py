@@ -41,7 +41,7 @@ class LayerProfile:
 @dataclass
 class DomainInfo:
     name: str
-    file: str
+    file: str  # the path as it was given (to re-read the same text in later stages)
     sha256: str
     tokens: int
 

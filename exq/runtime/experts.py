@@ -1,0 +1,135 @@
+"""exq's runtime modules: MoE experts (and linear layers) whose weights are stored in exq formats.
+
+`QuantizedExperts` replaces a transformers v5 experts module (same forward signature). Each block (gate_up, down)
+keeps one slab per format, experts in the plan's layout order. This is the plain-torch reference path: it dequantizes
+a block's slabs and then computes exactly like transformers' eager experts loop, so a checkpoint that stores bf16
+experts gives bit-identical logits to the original model run with `experts_implementation="eager"`. Fused kernels
+plug in behind the same module later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exq.formats import FORMATS, Format
+from exq.quant.codec import dequantize, unpack
+
+BLOCKS = ("gate_up", "down")
+
+
+def slab_key(fmt_name: str) -> str:
+    return fmt_name.replace("-", "_")
+
+
+class Slab(nn.Module):
+    """count matrices [count, out, in] of one format: packed codes, scales, zero points (or the bf16 weights)."""
+
+    def __init__(self, fmt: Format, count: int, out_features: int, in_features: int, device=None) -> None:
+        super().__init__()
+        self.fmt, self.count, self.out_features, self.in_features = fmt, count, out_features, in_features
+        if not fmt.quantized:
+            self.register_buffer(
+                "weight", torch.empty(count, out_features, in_features, dtype=torch.bfloat16, device=device)
+            )
+            return
+        g = 1 if fmt.group_size is None else in_features // fmt.group_size
+        packed = in_features * fmt.bits // 8
+        self.register_buffer("codes", torch.empty(count, out_features, packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(count, out_features, g, dtype=torch.float16, device=device))
+        if not fmt.symmetric:
+            self.register_buffer("zeros", torch.empty(count, out_features, g, dtype=torch.uint8, device=device))
+
+    scale_override: torch.Tensor | None = None  # set by scale tuning: scales = base_scales * exp(override)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.fmt.quantized:
+            return self.weight.to(dtype)
+        codes = unpack(self.codes, self.fmt.bits, self.in_features)
+        scales = self.scales if self.scale_override is None else self.base_scales * self.scale_override.exp()
+        return dequantize(self.fmt, codes, scales, getattr(self, "zeros", None), torch.float32).to(dtype)
+
+
+class QuantizedBlock(nn.Module):
+    """One block (gate_up or down) of every expert of a layer, stored as per-format slabs in layout order."""
+
+    def __init__(self, layout: dict, out_features: int, in_features: int, device=None) -> None:
+        super().__init__()
+        self.order = list(layout["order"])  # storage position -> expert id
+        self.slab_spec = [(str(f), int(s), int(c)) for f, s, c in layout["slabs"]]
+        self.slabs = nn.ModuleDict(
+            {slab_key(f): Slab(FORMATS[f], c, out_features, in_features, device) for f, _, c in self.slab_spec}
+        )
+        self.register_buffer(
+            "position", torch.empty(len(self.order), dtype=torch.long, device=device), persistent=False
+        )
+        if self.position.device.type != "meta":
+            self.reset_positions()
+
+    def reset_positions(self) -> None:
+        """position[e] = storage position of expert e (derived from the layout, so never saved)."""
+        inv = [0] * len(self.order)
+        for pos, e in enumerate(self.order):
+            inv[e] = pos
+        self.position.copy_(torch.tensor(inv, dtype=torch.long))
+
+    def formats(self) -> list[str]:
+        out = [""] * len(self.order)
+        for f, start, count in self.slab_spec:
+            for pos in range(start, start + count):
+                out[self.order[pos]] = f
+        return out
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """[E, out, in] in expert-id order."""
+        stacked = torch.cat([self.slabs[slab_key(f)].dequantized(dtype) for f, _, _ in self.slab_spec])
+        return stacked[self.position]
+
+
+class QuantizedExperts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn: nn.Module,
+        layout: dict,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, intermediate_size
+        self.act_fn = act_fn
+        self.compute_dtype = dtype
+        self.gate_up = QuantizedBlock(layout["gate_up"], 2 * intermediate_size, hidden_size, device)
+        self.down = QuantizedBlock(layout["down"], hidden_size, intermediate_size, device)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        dtype = hidden_states.dtype
+        gate_up, down = self.gate_up.dequantized(dtype), self.down.dequantized(dtype)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            if e == self.num_experts:  # expert-parallel placeholder id
+                continue
+            slot, tok = torch.where(mask[e])
+            gate, up = F.linear(hidden_states[tok], gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, down[e]) * top_k_weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with its weight in an exq format (shared experts and attention, when a plan allocates them)."""
+
+    def __init__(self, fmt: Format, out_features: int, in_features: int, bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.slab = Slab(fmt, 1, out_features, in_features, device)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.slab.dequantized(x.dtype)[0], self.bias)

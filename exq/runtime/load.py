@@ -1,0 +1,131 @@
+"""`exq.load(DIR)`: an exq checkpoint -> a working transformers model running exq's runtime modules.
+
+The model skeleton is built on the meta device (no memory for the original experts), the experts and allocated linears
+are swapped for exq modules, then every tensor is loaded from the checkpoint; buffers that are computed rather than
+stored (rotary frequencies) are recomputed, tied weights re-tied. Anything left unloaded is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from exq.errors import ExqError
+from exq.formats import FORMATS
+from exq.models.loading import resolve_device
+from exq.quant.checkpoint import BASE_FILE, QUANTIZED_FILE, read_quantization_config
+from exq.runtime.experts import QuantizedBlock, QuantizedExperts, QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _computed_buffers(model: nn.Module) -> dict[str, list[str]]:
+    """module name -> its non-persistent buffers (never saved: computed from the config at construction)."""
+    return {
+        n: sorted(m._non_persistent_buffers_set)
+        for n, m in model.named_modules()
+        if getattr(m, "_non_persistent_buffers_set", None) and not isinstance(m, QuantizedBlock)
+    }
+
+
+def _recompute_buffers(model: nn.Module, buffers: dict[str, list[str]], device: torch.device) -> None:
+    """Rebuild computed buffers by constructing their module afresh from the config."""
+    for name, missing in buffers.items():
+        module = model.get_submodule(name)
+        try:
+            try:
+                fresh = type(module)(model.config, device=device)
+            except TypeError:
+                fresh = type(module)(model.config)
+        except Exception as e:
+            raise ExqError(f"cannot rebuild the computed buffers of {name} ({type(module).__name__}): {e}") from e
+        for b in missing:
+            setattr(module, b, getattr(fresh, b).to(device))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ExqError(f"cannot read {path}: {e}", "the checkpoint is corrupt or truncated; re-quantize it") from e
+
+
+def load(path: str | Path, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load an exq checkpoint folder written by `exq quantize` as a transformers causal LM in eval mode."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _, qc = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(path)
+    state = _load_tensors(path / BASE_FILE) | _load_tensors(path / QUANTIZED_FILE)
+    model = assemble(config, qc, state, device, dtype, where=str(path))
+    log.info("loaded exq checkpoint %s", path)
+    return model
+
+
+def assemble(
+    config, qc: dict, state: dict[str, torch.Tensor], device=None, dtype: torch.dtype | None = None, where: str = ""
+) -> nn.Module:
+    """Build the model of `config` with exq modules as `qc` describes them, holding the tensors of `state`."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.quantization_config = qc
+    for spec in qc["experts"]:
+        old = model.get_submodule(spec["module"])
+        act = getattr(old, "act_fn", None)
+        if act is None:
+            raise ExqError(f"{spec['module']} is not an experts module of this architecture; the checkpoint is corrupt")
+        layout = {"gate_up": spec["gate_up"], "down": spec["down"]}
+        experts = QuantizedExperts(
+            spec["num_experts"], spec["hidden_size"], spec["intermediate_size"], act, layout, dtype, device="meta"
+        )
+        _set_module(model, spec["module"], experts)
+    for spec in qc["linears"]:
+        lin = QuantizedLinear(
+            FORMATS[spec["format"]], spec["out_features"], spec["in_features"], spec["bias"], device="meta"
+        )
+        _set_module(model, spec["module"], lin)
+    computed = _computed_buffers(model)
+    model.to_empty(device=dev)
+    for block in model.modules():
+        if isinstance(block, QuantizedBlock):
+            block.reset_positions()
+    expected = set(model.state_dict())
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExqError(
+            f"checkpoint {where} does not fit its config: "
+            + (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""),
+            "re-create it with `exq quantize`",
+        )
+    current = model.state_dict()
+    for k, v in state.items():
+        if current[k].shape != v.shape:
+            raise ExqError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, expected {tuple(current[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    _recompute_buffers(model, computed, dev)
+    return model.eval().requires_grad_(False)
