@@ -23,6 +23,9 @@ def _shared() -> Path | None:
 SHARED = _shared()
 # EXQ_TEST_DEVICE=cuda runs the device-aware tests (profiling) on a GPU; CI is CPU only.
 DEVICE = os.environ.get("EXQ_TEST_DEVICE", "cpu")
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before any kernel is defined.
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 DEMO_MODEL = REPO / "demo" / "model"
 DEMO_CORPUS = REPO / "demo" / "corpus"
 

@@ -1,0 +1,282 @@
+"""`exq bench kernels`: the fused MoE op against the HBM floor, SGLang's Triton INT4 path and a bf16 grouped GEMM.
+
+Every figure is per MoE layer: a CUDA graph runs the op over L distinct layers (weights stream from HBM, not L2) and
+is replayed `reps` times; the median replay / L is the layer time. Floors are measured in the same run: HBM floor =
+bytes of the experts the routing touches (codes, scales, zero points) plus activations, over the device-to-device copy
+bandwidth; compute floor = 2 * pairs * 3 * H * I flops over a large bf16 matmul's rate.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from exq.bench import PLANS, SHAPES
+
+
+@dataclass
+class Floors:
+    copy_bytes_per_s: float  # read + write bytes of a device-to-device copy
+    bf16_flops: float  # dense bf16 matmul rate
+
+
+def measure_floors() -> Floors:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = _median_ms(lambda: dst.copy_(src), 20)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    tm = _median_ms(lambda: a @ b, 20)
+    return Floors(2 * n / (t * 1e-3), 2 * 8192**3 / (tm * 1e-3))
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def graph_time_us(step: Callable[[int], object], layers: int, reps: int) -> float:
+    """Median per-layer time of a CUDA graph that runs step(0..layers-1) once each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(layers):  # warm-up: compiles and autotunes outside the capture
+            step(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(layers):
+            step(i)
+    ms = _median_ms(g.replay, reps)
+    del g
+    return 1e3 * ms / layers
+
+
+def routing(tokens: int, experts: int, k: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=gen, device="cuda")
+    w, ids = torch.topk(logits.softmax(-1), k)
+    return (w / w.sum(-1, keepdim=True)).to(torch.bfloat16), ids.to(torch.int32)
+
+
+def touched_bytes(layer, ids: torch.Tensor, hidden: int, inter: int) -> int:
+    from exq.kernels import kernel_blocks
+
+    gu, dn = kernel_blocks(layer)
+    used = torch.unique(ids)
+    act = 2 * (ids.shape[0] * hidden * 2 + ids.numel() * inter * 2)  # x in, out; intermediate written and read
+    return gu.nbytes_of(used) + dn.nbytes_of(used) + act
+
+
+def torch_grouped_bf16(x, w, ids, w1, w2):
+    """bf16 reference speed: sort pairs by expert, torch._grouped_mm for both GEMMs, index_add over top-k."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat)
+    tok = order // k
+    counts = torch.zeros(w1.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32)
+    )
+    offs = counts.cumsum(0, dtype=torch.int32)
+    h = torch._grouped_mm(x[tok], w1.transpose(1, 2), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
+    y = y * w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
+    (16, 32, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 3),
+    (32, 64, 128, 4, 3),
+    (64, 64, 128, 4, 3),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+]
+SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
+    (16, 32, 64, 1, 4, 3),
+    (16, 64, 64, 1, 4, 4),
+    (16, 64, 128, 1, 4, 3),
+    (16, 128, 128, 1, 4, 3),
+    (32, 64, 128, 1, 4, 3),
+    (64, 64, 64, 8, 4, 3),
+    (64, 128, 64, 8, 4, 3),
+    (64, 128, 128, 8, 8, 3),
+    (128, 128, 64, 8, 8, 3),
+]
+
+
+def _fits(block_m: int, pairs: int, experts: int) -> bool:
+    """Prune configs whose row block is far from the tokens per active expert (they cannot win)."""
+    per = pairs / min(experts, pairs)
+    return block_m <= max(16, 4 * per) and block_m >= min(64, per / 8)
+
+
+def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log) -> list[dict]:
+    from exq.kernels.synthetic import mixed_formats, random_experts
+
+    e, h, i, k = SHAPES[name]
+    rows = []
+    for plan, shares in PLANS.items():
+        mods = [random_experts(e, h, i, mixed_formats(e, shares, seed=s), device="cuda", seed=s) for s in range(layers)]
+        for t in tokens:
+            x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
+            routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
+            row = {"shape": name, "plan": plan, "tokens": t, "pairs": t * k}
+            row |= bench_layer(x, routes, mods, plan, (e, h, i, k), layers, reps, sgl, floors)
+            rows.append(row)
+            log(row)
+        del mods
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors) -> dict:
+    from exq.kernels import GemmConfig, fused_moe
+
+    e, h, i, k = shape
+    t = x.shape[0]
+    floor_bytes = statistics.mean(touched_bytes(m, r[1], h, i) for m, r in zip(mods, routes, strict=True))
+    row = {
+        "hbm_floor_us": 1e6 * floor_bytes / floors.copy_bytes_per_s,
+        "compute_floor_us": 1e6 * 2 * t * k * 3 * h * i / floors.bf16_flops,
+        "bytes_touched": floor_bytes,
+    }
+
+    def ours(cfg):
+        return graph_time_us(lambda j: fused_moe(x, routes[j][0], routes[j][1], mods[j], config=cfg), layers, reps)
+
+    row["exq_default_us"] = ours(None)
+    best = (row["exq_default_us"], None)
+    for c in OUR_CONFIGS:
+        if _fits(c[0], t * k, e):
+            best = min(best, (ours(GemmConfig(*c)), c), key=lambda z: z[0])
+    row["exq_us"], row["exq_config"] = best
+    if plan == "int4" and sgl is not None:
+        row |= bench_sglang(sgl, x, routes, mods, e, h, i, k, layers, reps)
+    if plan == "bf16":
+        w1 = [m.gate_up.dequantized(torch.bfloat16) for m in mods]
+        w2 = [m.down.dequantized(torch.bfloat16) for m in mods]
+        try:
+            row["torch_bf16_us"] = graph_time_us(
+                lambda j: torch_grouped_bf16(x, routes[j][0], routes[j][1], w1[j], w2[j]), layers, reps
+            )
+        except (RuntimeError, AttributeError) as err:
+            row["torch_bf16_error"] = str(err)[:200]
+    row["exq_pct_of_hbm_floor"] = 100 * row["hbm_floor_us"] / row["exq_us"]
+    return row
+
+
+def bench_sglang(sgl, x, routes, mods, e, h, i, k, layers, reps) -> dict:
+    from exq.bench.sglang_ref import align, gemm
+
+    t = x.shape[0]
+    p = t * k
+    slabs = [(m.gate_up.slabs["int4"], m.down.slabs["int4"]) for m in mods]
+    inter1 = torch.empty(p, 2 * i, dtype=x.dtype, device=x.device)
+    inter2 = torch.empty(p, i, dtype=x.dtype, device=x.device)
+    out = torch.empty(p, h, dtype=x.dtype, device=x.device)
+
+    def run(cfg: dict):
+        aligned = [align(r[1], e, cfg["BLOCK_SIZE_M"]) for r in routes]
+
+        def step(j):
+            (gu, dn), (w, _ids), (sid, eid, post) = slabs[j], routes[j], aligned[j]
+            wf = w.reshape(-1)
+            gemm(sgl, x, gu.codes, inter1, gu.scales, wf, sid, eid, post, p, False, k, cfg)
+            torch.mul(F.silu(inter1[:, :i]), inter1[:, i:], out=inter2)
+            gemm(sgl, inter2, dn.codes, out, dn.scales, wf, sid, eid, post, p, True, 1, cfg)
+            return out.view(t, k, h).sum(dim=1)
+
+        return graph_time_us(step, layers, reps)
+
+    default = sgl.default_config(t, e, 2 * i, h, k, "int4_w4a16", False, [0, 128])
+    res = {"sglang_default_us": run(default), "sglang_default_config": default}
+    best = (res["sglang_default_us"], default)
+    for c in SGL_CONFIGS:
+        if _fits(c[0], p, e):
+            cfg = dict(zip(("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"), c[:4], strict=True))
+            cfg |= {"num_warps": c[4], "num_stages": c[5]}
+            us = run(cfg)
+            best = min(best, (us, cfg), key=lambda z: z[0])
+    res["sglang_tuned_us"], res["sglang_tuned_config"] = best
+    return res
+
+
+def check_against_sglang(sgl, log) -> float:
+    """Same weights, same routing: SGLang's INT4 path and exq's op agree (a check that the baseline runs right)."""
+    from exq.kernels import fused_moe
+    from exq.kernels.synthetic import random_experts
+
+    e, h, i, k = 16, 512, 256, 4
+    m = random_experts(e, h, i, ["int4"] * e, device="cuda", seed=7)
+    x = torch.randn(9, h, dtype=torch.bfloat16, device="cuda")
+    w, ids = routing(9, e, k, 3)
+    ours = fused_moe(x, w, ids, m)
+    from exq.bench.sglang_ref import align, gemm
+
+    cfg = sgl.default_config(9, e, 2 * i, h, k, "int4_w4a16", False, [0, 128])
+    sid, eid, post = align(ids, e, cfg["BLOCK_SIZE_M"])
+    gu, dn = m.gate_up.slabs["int4"], m.down.slabs["int4"]
+    c1 = torch.empty(9 * k, 2 * i, dtype=x.dtype, device="cuda")
+    gemm(sgl, x, gu.codes, c1, gu.scales, w.reshape(-1), sid, eid, post, 9 * k, False, k, cfg)
+    a = F.silu(c1[:, :i]) * c1[:, i:]
+    c2 = torch.empty(9 * k, h, dtype=x.dtype, device="cuda")
+    gemm(sgl, a, dn.codes, c2, dn.scales, w.reshape(-1), sid, eid, post, 9 * k, True, 1, cfg)
+    theirs = c2.view(9, k, h).sum(1)
+    err = float((ours.float() - theirs.float()).norm() / theirs.float().norm())
+    log({"check": "exq vs sglang int4 on identical weights", "relative_error": err})
+    return err
+
+
+def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path) -> dict:
+    if not torch.cuda.is_available():
+        from exq.errors import ExqError
+
+        raise ExqError("exq bench kernels needs a CUDA GPU", "run it on a GPU machine with the gpu extra installed")
+    from exq.bench import sglang_ref
+
+    def log(row):
+        print(json.dumps(row, default=str), flush=True)
+
+    floors = measure_floors()
+    log({"copy_TB_per_s": floors.copy_bytes_per_s / 1e12, "bf16_TFLOP_per_s": floors.bf16_flops / 1e12})
+    sgl = sglang_ref.load(sglang_wheel) if sglang_wheel else None
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "sglang": sgl.version if sgl else None,
+        "layers_per_graph": layers,
+        "reps": reps,
+        "floors": vars(floors),
+        "rows": [],
+    }
+    if sgl is not None:
+        result["sglang_check_relative_error"] = check_against_sglang(sgl, log)
+    for name in shapes:
+        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    from exq.fileio import atomic_write_bytes
+
+    atomic_write_bytes(output, json.dumps(result, indent=1, default=str).encode())
+    return result

@@ -1,0 +1,138 @@
+"""Token dispatch on the device: (token, slot) pairs sorted by expert, each expert padded to whole row blocks.
+
+The GEMM kernels give each program one block of `block_m` rows that all use one expert, so every expert's weights
+are read once per block. Shapes depend only on (pairs, experts, block_m), never on the routing, so the whole op can
+be captured in a CUDA graph: the grid is the bound `max_blocks` and unused blocks exit at once.
+
+Pair p = token * top_k + slot. `sorted_pairs` holds pair ids (P = padding); `block_expert` the expert of each block
+(E = unused). Ids outside [0, E) (expert parallelism's non-local experts) are dropped: they appear in no block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # the kernels are an optional extra; the torch path below needs none of it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without the gpu extra
+    triton = None
+
+
+@dataclass
+class Dispatch:
+    sorted_pairs: torch.Tensor  # int32 [max_blocks * block_m]
+    block_expert: torch.Tensor  # int32 [max_blocks]
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.numel()
+
+
+def max_blocks(pairs: int, experts: int, block_m: int) -> int:
+    """At most min(E, P) experts are non-empty and each wastes less than one block to padding."""
+    return -(-pairs // block_m) + min(experts, pairs)
+
+
+def dispatch_torch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
+    """Any size; a handful of small device ops, no host sync."""
+    flat = topk_ids.reshape(-1).long()
+    p = flat.numel()
+    dev = flat.device
+    flat = torch.where((flat < 0) | (flat >= experts), experts, flat)  # bucket E: dropped
+    counts = torch.zeros(experts + 1, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts[:experts] + block_m - 1) // block_m  # bucket E (dropped pairs) takes no block
+    block_end = blocks.cumsum(0)
+    block_start = block_end - blocks
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    first = counts.cumsum(0) - counts
+    rank = torch.arange(p, device=dev) - first[sorted_e]
+    nb = max_blocks(p, experts, block_m)
+    start_of = torch.cat([block_start, block_start.new_full((1,), nb)])  # dropped pairs land past the blocks
+    dest = start_of[sorted_e] * block_m + rank
+    sorted_pairs = torch.full((nb * block_m + p,), p, dtype=torch.int32, device=dev)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_expert = torch.searchsorted(block_end, torch.arange(nb, device=dev), right=True)
+    return Dispatch(sorted_pairs[: nb * block_m], block_expert.to(torch.int32), block_m)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dispatch_one_program(
+        ids_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        P,
+        E,
+        NB,
+        BLOCK_M: tl.constexpr,
+        PP: tl.constexpr,
+        EP: tl.constexpr,
+        NBP: tl.constexpr,
+        SP: tl.constexpr,
+    ):
+        p = tl.arange(0, PP)
+        valid = p < P
+        e = tl.load(ids_ptr + p, mask=valid, other=-1).to(tl.int32)
+        e = tl.where((e < 0) | (e >= E), E, e)
+        ex = tl.arange(0, EP)
+        onehot = (e[:, None] == ex[None, :]).to(tl.int32)  # [PP, EP]
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        counts = tl.sum(onehot, axis=0)
+        blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+        block_end = tl.cumsum(blocks, axis=0)
+        block_start = block_end - blocks
+        my_start = tl.sum(onehot * block_start[None, :], axis=1)
+        s = tl.arange(0, SP)
+        tl.store(sorted_ptr + s, tl.full([SP], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
+        tl.debug_barrier()  # the fill above lands before the scatter below (same program, other threads)
+        tl.store(sorted_ptr + my_start * BLOCK_M + rank, p, mask=valid & (e < E))
+        b = tl.arange(0, NBP)
+        owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, owner, mask=b < NB)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+SMALL_LIMIT = (
+    1 << 15
+)  # pairs x experts for the one-program kernel (its one-hot cumsum needs 4 bytes each of shared memory)
+
+
+def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
+    """One kernel launch for decode-sized batches (what dominates at 1-64 tokens), the torch path beyond."""
+    p = topk_ids.numel()
+    pp, ep = _pow2(max(p, 16)), _pow2(experts + 1)
+    if triton is None or pp * ep > SMALL_LIMIT or not (topk_ids.is_cuda or _interpreting()):
+        return dispatch_torch(topk_ids, experts, block_m)
+    nb = max_blocks(p, experts, block_m)
+    sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=topk_ids.device)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)
+    _dispatch_one_program[(1,)](
+        topk_ids.reshape(-1),
+        sorted_pairs,
+        block_expert,
+        p,
+        experts,
+        nb,
+        BLOCK_M=block_m,
+        PP=pp,
+        EP=ep,
+        NBP=_pow2(nb),
+        SP=_pow2(nb * block_m),
+        num_warps=8,
+    )
+    return Dispatch(sorted_pairs, block_expert, block_m)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,187 @@
+"""`fused_moe`: one op for a whole MoE layer whose experts are each bf16, int8, int4 or int4-asym.
+
+Three launches, no host sync, CUDA-graph capturable: dispatch (pairs sorted by expert), gate_up GEMM with
+silu(gate) * up in its epilogue, down GEMM scaled by the routing weights; then a sum over top-k.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from exq.errors import ExqError
+from exq.kernels.dispatch import dispatch
+from exq.kernels.moe_gemm import KERNEL_FORMATS, moe_gemm_kernel
+
+
+@dataclass
+class KernelBlock:
+    """One block (gate_up or down) of a layer as the kernel reads it: per-format slabs + expert -> (format, slot)."""
+
+    out_features: int
+    in_features: int
+    fmt: torch.Tensor  # int32 [E]
+    slot: torch.Tensor  # int32 [E]
+    tensors: dict[str, torch.Tensor]  # w16, w8, s8, w4, s4, wa, sa, za (absent formats: a 1-element placeholder)
+    present: frozenset[str]
+
+    @property
+    def num_experts(self) -> int:
+        return self.fmt.numel()
+
+    def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
+        """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
+        ids = range(self.num_experts) if experts is None else experts.tolist()
+        names = {0: ("w16",), 1: ("w8", "s8"), 2: ("w4", "s4"), 3: ("wa", "sa", "za")}
+        total = 0
+        for e in ids:
+            f = int(self.fmt[e])
+            for n in names[f]:
+                t = self.tensors[n]
+                total += t[0].numel() * t.element_size()
+        return total
+
+
+_SLOT_NAMES = {"bf16": ("w16",), "int8": ("w8", "s8"), "int4": ("w4", "s4"), "int4-asym": ("wa", "sa", "za")}
+
+
+def kernel_block(block) -> KernelBlock:
+    """View a runtime `QuantizedBlock` (exq.runtime.experts) in the kernel's terms; no copy of the weights."""
+    from exq.runtime.experts import slab_key
+
+    e = len(block.order)
+    dev = block.position.device
+    fmt = torch.empty(e, dtype=torch.int32)
+    slot = torch.empty(e, dtype=torch.int32)
+    tensors: dict[str, torch.Tensor] = {}
+    present = set()
+    out_f = in_f = 0
+    for name, start, count in block.slab_spec:
+        if name not in KERNEL_FORMATS:
+            raise ExqError(f"format {name} has no fused kernel", f"kernels run {', '.join(KERNEL_FORMATS)}")
+        slab = block.slabs[slab_key(name)]
+        out_f, in_f = slab.out_features, slab.in_features
+        for pos in range(start, start + count):
+            ex = block.order[pos]
+            fmt[ex], slot[ex] = KERNEL_FORMATS[name], pos - start
+        present.add(name)
+        parts = (
+            (slab.weight,)
+            if name == "bf16"
+            else (slab.codes, slab.scales) + ((slab.zeros,) if name == "int4-asym" else ())
+        )
+        tensors.update(zip(_SLOT_NAMES[name], parts, strict=True))
+    for names in _SLOT_NAMES.values():
+        for n in names:
+            tensors.setdefault(n, torch.zeros(1, dtype=torch.uint8, device=dev))
+    return KernelBlock(out_f, in_f, fmt.to(dev), slot.to(dev), tensors, frozenset(present))
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def default_config(pairs: int, num_experts: int, out_features: int) -> GemmConfig:
+    """A fixed rule until the compiler's per-layer table (pass D) names one: small row blocks while few tokens
+    reach each expert, bigger tensor-core tiles once they are many."""
+    per_expert = pairs / max(1, num_experts)
+    if per_expert <= 4:
+        return GemmConfig(16, 64, 128, 4, 4)
+    if per_expert <= 32:
+        return GemmConfig(32, 64, 128, 4, 3)
+    return GemmConfig(64, 128, 64, 8, 3)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig) -> None:
+    import triton
+    import triton.language as tl
+
+    n_out = block.out_features // 2 if gated else block.out_features
+    if block.in_features % cfg.block_k or cfg.block_k > 128 or 128 % cfg.block_k:
+        raise ExqError(f"block_k {cfg.block_k} must divide 128 and in_features {block.in_features}")
+    dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[a.dtype]
+    if interpreting() and dt == tl.bfloat16:
+        dt = tl.float32  # bf16 tl.dot is wrong in the interpreter; fp32 is exact there (fp16 is fine)
+    t = block.tensors
+    grid = (disp.num_blocks, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n))
+    magic = {tl.bfloat16: (0x4300, 128), tl.float16: (0x6400, 1024)}.get(dt, (0, 0))
+    moe_gemm_kernel[grid](
+        a, c, topk_weights, disp.sorted_pairs, disp.block_expert, block.fmt, block.slot,
+        t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
+        pairs, block.num_experts, a.stride(0), c.stride(0),
+        N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
+        HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
+        HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
+        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts,
+    activation: str = "silu",
+    config: GemmConfig | tuple[GemmConfig, GemmConfig] | None = None,
+    expert_parallel: bool = False,
+) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, j].
+
+    experts: a runtime `QuantizedExperts` module, or a (gate_up, down) pair of `KernelBlock`s.
+    config: one `GemmConfig` for both GEMMs, a (gate_up, down) pair, or None for `default_config`.
+    expert_parallel: topk_ids may hold ids outside [0, E) (experts of other ranks); they contribute nothing.
+    """
+    if activation != "silu":
+        raise ExqError(f"activation {activation!r} is not supported by the fused kernel", "use silu")
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ExqError(f"fused_moe takes bf16 or fp16 activations, got {hidden.dtype}")
+    gu, dn = experts if isinstance(experts, tuple) else kernel_blocks(experts)
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    p = t * k
+    if gu.in_features != h or dn.out_features != h or gu.out_features != 2 * dn.in_features:
+        raise ExqError(
+            f"expert shapes gate_up {gu.out_features}x{gu.in_features}, down {dn.out_features}x"
+            f"{dn.in_features} do not fit hidden size {h}"
+        )
+    if isinstance(config, GemmConfig) or config is None:
+        cfg1 = config or default_config(p, gu.num_experts, gu.out_features)
+        cfg2 = config or default_config(p, dn.num_experts, dn.out_features)
+    else:
+        cfg1, cfg2 = config
+    hidden = hidden.contiguous()
+    topk_weights = topk_weights.reshape(-1).contiguous()
+    d1 = dispatch(topk_ids, gu.num_experts, cfg1.block_m)
+    d2 = d1 if cfg2.block_m == cfg1.block_m else dispatch(topk_ids, dn.num_experts, cfg2.block_m)
+    inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
+    _gemm(hidden, inter, topk_weights, d1, gu, p, k, True, False, cfg1)
+    # pairs routed outside [0, E) (expert parallelism) are in no block: their rows must read as zero
+    alloc = torch.zeros if expert_parallel else torch.empty
+    out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
+    _gemm(inter, out, topk_weights, d2, dn, p, 1, False, True, cfg2)
+    return out.view(t, k, h).sum(dim=1)
+
+
+def kernel_blocks(experts) -> tuple[KernelBlock, KernelBlock]:
+    """(gate_up, down) views of a runtime QuantizedExperts, built once and kept on the module."""
+    cached = getattr(experts, "_kernel_blocks", None)
+    if cached is None:
+        cached = (kernel_block(experts.gate_up), kernel_block(experts.down))
+        experts._kernel_blocks = cached
+    return cached

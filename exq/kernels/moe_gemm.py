@@ -1,0 +1,230 @@
+"""Triton GEMMs of a mixed-precision MoE layer: every expert of one layer in its own format, in one launch.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile for one row block of the dispatch (all rows use one expert); it reads
+that expert's format code and slot, and streams the weights from the slab of that format, exactly as the checkpoint
+stores them (`exq.formats`): bf16 [n, out, in]; int8 codes [n, out, in] (code - 128) with one fp16 scale per output
+row; int4 codes [n, out, in / 2], element 2j in the low nibble of byte j, one fp16 scale (and for int4-asym a uint8
+zero point) per 128 inputs.
+
+Integer codes minus their offset are exact in bf16/fp16, so the tensor-core dot runs on raw codes and the group scale
+multiplies the fp32 partial sum once per group, not every weight. For int4, the low and high nibbles of a byte meet
+the even and odd input columns: two dots on [BLOCK_K / 2] slices, no nibble interleaving in registers.
+
+gate_up (GATED) computes the gate and the up rows of the same columns and writes silu(gate) * up; down multiplies by
+the routing weight. The reduction over top-k is one `sum` over the [T, k, H] result.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FMT_BF16, FMT_INT8, FMT_INT4, FMT_INT4_ASYM = 0, 1, 2, 3
+KERNEL_FORMATS = {"bf16": FMT_BF16, "int8": FMT_INT8, "int4": FMT_INT4, "int4-asym": FMT_INT4_ASYM}
+GROUP = 128
+
+
+@triton.jit
+def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
+    return tl.load(a_ptr + a_rows[:, None] * stride_am + cols[None, :], mask=a_mask[:, None], other=0.0).to(DT)
+
+
+@triton.jit
+def _tile_bf16(
+    a_ptr,
+    a_rows,
+    a_mask,
+    stride_am,
+    w_ptr,
+    slot,
+    rows,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DT: tl.constexpr,
+):
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
+    ks = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
+        w = tl.load(base + (k0 + ks)[:, None]).to(DT)
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
+def _tile_int8(
+    a_ptr,
+    a_rows,
+    a_mask,
+    stride_am,
+    w_ptr,
+    s_ptr,
+    slot,
+    rows,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DT: tl.constexpr,
+):
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
+    ks = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
+        c = tl.load(base + (k0 + ks)[:, None])
+        acc = tl.dot(a, (c.to(tl.int32) - 128).to(DT), acc)
+    scale = tl.load(s_ptr + slot * N + rows).to(tl.float32)
+    return acc * scale[None, :]
+
+
+@triton.jit
+def _nibbles(b, off, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, DT: tl.constexpr):
+    """(code - off) of every nibble of b as DT, low then high: exact small integers.
+
+    With MAGIC_BITS (0x4300 for bf16, 0x6400 for fp16) a nibble becomes MAGIC_BASE + code by setting the
+    exponent bits (one OR and a bitcast, no int->float conversion), then one subtraction."""
+    if MAGIC_BITS:
+        base = (off + MAGIC_BASE).to(DT)
+        lo = ((b & 0xF).to(tl.uint16) | MAGIC_BITS).to(DT, bitcast=True) - base
+        hi = ((b >> 4).to(tl.uint16) | MAGIC_BITS).to(DT, bitcast=True) - base
+    else:
+        lo = ((b & 0xF).to(tl.int32) - off).to(DT)
+        hi = ((b >> 4).to(tl.int32) - off).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _tile_int4(
+    a_ptr,
+    a_rows,
+    a_mask,
+    stride_am,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    slot,
+    rows,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    ASYM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_BASE: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
+):
+    """INTERLEAVE: nibbles joined back into K order, one dot with the A tile as stored (big row blocks).
+    Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    half = tl.arange(0, BK // 2)
+    ks = tl.arange(0, BK)
+    groups: tl.constexpr = K // 128
+    base = w_ptr + slot * (N * K // 2) + rows[None, :].to(tl.int64) * (K // 2)
+    sbase = slot * (N * groups) + rows.to(tl.int64) * groups
+    for k0 in range(0, K, BK):
+        b = tl.load(base + (k0 // 2 + half)[:, None])  # [BK/2, BN] uint8
+        g = k0 // 128
+        if ASYM:
+            off = tl.load(z_ptr + sbase + g).to(tl.int32)[None, :]
+        else:
+            off = 8
+        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT)
+        if INTERLEAVE:
+            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))
+            part = tl.dot(_a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT), w)
+        else:
+            a_even = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + 2 * half, DT)
+            a_odd = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + 2 * half + 1, DT)
+            part = tl.dot(a_odd, hi, tl.dot(a_even, lo))
+        scale = tl.load(s_ptr + sbase + g).to(tl.float32)
+        acc += part * scale[None, :]
+    return acc
+
+
+@triton.jit
+def _expert_tile(
+    a_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr,
+    w16, w8, s8, w4, s4, wa, sa, za,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr,
+):  # fmt: skip
+    """[BM, BN] fp32 = A rows x W[rows]^T for one expert, whatever its format (formats absent compile away)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_BF16:
+        if fmt == 0:
+            acc = _tile_bf16(a_ptr, a_rows, a_mask, stride_am, w16, slot, rows, N, K, BM, BN, BK, DT)
+    if HAS_INT8:
+        if fmt == 1:
+            acc = _tile_int8(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, BM, BN, BK, DT)
+    if HAS_INT4:
+        if fmt == 2:
+            acc = _tile_int4(a_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, False, BM, BN, BK, DT,
+                             MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+    if HAS_INT4_ASYM:
+        if fmt == 3:
+            acc = _tile_int4(a_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, True, BM, BN, BK, DT,
+                             MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, fmt_ptr, slot_ptr,
+    w16, w8, s8, w4, s4, wa, sa, za,
+    P, E, stride_am, stride_cm,
+    N: tl.constexpr, K: tl.constexpr,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr,
+):  # fmt: skip
+    """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
+
+    A rows are pair // A_DIV (A_DIV = top_k reads the token's hidden state; 1 reads the pair's own row). GATED
+    tiles hold BN / 2 gate rows and the BN / 2 matching up rows, so one K loop streams both.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= E:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
+    pmask = pairs < P
+    a_rows = (pairs // A_DIV).to(tl.int64)
+    fmt = tl.load(fmt_ptr + e)
+    slot = tl.load(slot_ptr + e).to(tl.int64)
+    j = tl.arange(0, BN)
+    if GATED:
+        cols = pid_n * (BN // 2) + (j % (BN // 2))
+        ok = cols < N // 2
+        rows = tl.where(ok, cols, 0) + tl.where(j < BN // 2, 0, N // 2)
+    else:
+        cols = pid_n * BN + j
+        ok = cols < N
+        rows = tl.where(ok, cols, 0)
+    acc = _expert_tile(a_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, w16, w8, s8, w4, s4, wa, sa, za,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+    if GATED:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+        out = gate * tl.sigmoid(gate) * up
+        n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        nmask = n < N // 2
+    else:
+        out = acc
+        n = cols
+        nmask = ok
+    if MUL_W:
+        w = tl.load(topk_w_ptr + pairs, mask=pmask, other=0.0).to(tl.float32)
+        out = out * w[:, None]
+    c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pmask[:, None] & nmask[None, :])
