@@ -123,3 +123,14 @@ def test_errors_name_the_problem():
     int3.gate_up.slab_spec[0] = ("int3", 0, 4)
     with pytest.raises(ExqError, match="no fused kernel"):
         fused_moe(x, w, ids, int3)
+
+
+def test_bench_without_a_gpu_says_so(capsys, tmp_path, monkeypatch):
+    from exq.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "kernels", "--output", str(tmp_path / "k.json")]) != 0
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--layers", "4"]) != 0
+    assert "at least 8" in capsys.readouterr().err
+    assert not (tmp_path / "k.json").exists()
