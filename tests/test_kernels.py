@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 from exq.errors import ExqError
-from exq.kernels import GemmConfig, fused_moe
+from exq.kernels import GemmConfig, GemvConfig, fused_moe
 from exq.kernels.dispatch import dispatch, dispatch_torch, max_blocks
 from exq.kernels.synthetic import mixed_formats, random_experts
 
@@ -86,6 +86,8 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         ({"int8": 0.5, "int4-asym": 0.5}, torch.bfloat16, 2, None),
         (ALL, torch.float16, 40, GemmConfig(64, 64, 128, 4, 2)),  # row blocks of 64: nibbles re-interleaved
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2)),
+        (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
+        (ALL, torch.float16, 2, (GemvConfig(64, 2, 4, 2), GemvConfig(64, 1, 4, 2))),  # K steps of 2 groups
     ],
 )
 def test_fused_moe_matches_torch(shares, dtype, tokens, config):

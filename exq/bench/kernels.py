@@ -112,6 +112,13 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
 ]
+GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages)
+    (32, 1, 4, 2),
+    (64, 1, 4, 2),
+    (64, 2, 4, 2),
+    (128, 2, 8, 2),
+    (32, 4, 4, 2),
+]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),
     (16, 64, 64, 1, 4, 4),
@@ -151,7 +158,7 @@ def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, 
 
 
 def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors) -> dict:
-    from exq.kernels import GemmConfig, fused_moe
+    from exq.kernels import GemmConfig, GemvConfig, fused_moe
 
     e, h, i, k = shape
     t = x.shape[0]
@@ -167,10 +174,15 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
 
     row["exq_default_us"] = ours(None)
     best = (row["exq_default_us"], None)
-    for c in OUR_CONFIGS:
-        if _fits(c[0], t * k, e):
-            best = min(best, (ours(GemmConfig(*c)), c), key=lambda z: z[0])
-    row["exq_us"], row["exq_config"] = best
+    candidates = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], t * k, e)]
+    if t * k <= 4 * e:  # the GEMV path, while experts see a few tokens each
+        candidates += [GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1]) == 0 and i % (128 * c[1]) == 0]
+    for cfg in candidates:
+        best = min(best, (ours(cfg), cfg), key=lambda z: z[0])
+    row["exq_us"], row["exq_config"] = (
+        best[0],
+        None if best[1] is None else type(best[1]).__name__ + str(tuple(best[1].as_dict().values())),
+    )
     if plan == "int4" and sgl is not None:
         row |= bench_sglang(sgl, x, routes, mods, e, h, i, k, layers, reps)
     if plan == "bf16":

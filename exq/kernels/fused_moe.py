@@ -13,7 +13,7 @@ import torch
 
 from exq.errors import ExqError
 from exq.kernels.dispatch import dispatch
-from exq.kernels.moe_gemm import KERNEL_FORMATS, moe_gemm_kernel
+from exq.kernels.moe_gemm import KERNEL_FORMATS, moe_gemm_kernel, moe_gemv_kernel
 
 
 @dataclass
@@ -91,10 +91,29 @@ class GemmConfig:
         return dict(vars(self))
 
 
-def default_config(pairs: int, num_experts: int, out_features: int) -> GemmConfig:
-    """A fixed rule until the compiler's per-layer table (pass D) names one: small row blocks while few tokens
-    reach each expert, bigger tensor-core tiles once they are many."""
+@dataclass(frozen=True)
+class GemvConfig:
+    """The decode path: one program per (pair, column tile), CUDA-core FMAs, no dispatch."""
+
+    block_n: int = 64
+    groups_per_step: int = 2  # K step = 128 x this
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+Config = GemmConfig | GemvConfig
+
+
+def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
+    """A fixed rule until the compiler's per-layer table (pass D) names one: the GEMV path while experts see about
+    one token each, small row blocks while they see a few, bigger tensor-core tiles once they are many."""
     per_expert = pairs / max(1, num_experts)
+    # measured on H100 (docs/perf-notes.md, v3): GEMV wins for int4 layers up to ~E/4 pairs and loses badly for bf16
+    if 2 * pairs <= num_experts and block.present <= {"int4", "int4-asym"} and block.in_features % 128 == 0:
+        return GemvConfig(64, 1, 4, 2)
     if per_expert <= 4:
         return GemmConfig(16, 64, 128, 4, 4)
     if per_expert <= 32:
@@ -132,19 +151,39 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
     )  # fmt: skip
 
 
+def _gemv(a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w, cfg: GemvConfig) -> None:
+    import triton
+
+    step = 128 * cfg.groups_per_step
+    if block.in_features % step:
+        raise ExqError(f"the GEMV path needs in_features ({block.in_features}) divisible by {step}")
+    n_out = block.out_features // 2 if gated else block.out_features
+    t = block.tensors
+    grid = (topk_ids.numel(), triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n))
+    moe_gemv_kernel[grid](
+        a, c, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
+        t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
+        block.num_experts,
+        N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
+        HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
+        HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
+        BN=cfg.block_n, GPS=cfg.groups_per_step, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
 def fused_moe(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     experts,
     activation: str = "silu",
-    config: GemmConfig | tuple[GemmConfig, GemmConfig] | None = None,
+    config: Config | tuple[Config, Config] | None = None,
     expert_parallel: bool = False,
 ) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, j].
 
     experts: a runtime `QuantizedExperts` module, or a (gate_up, down) pair of `KernelBlock`s.
-    config: one `GemmConfig` for both GEMMs, a (gate_up, down) pair, or None for `default_config`.
+    config: one `GemmConfig` / `GemvConfig` for both GEMMs, a (gate_up, down) pair, or None for `default_config`.
     expert_parallel: topk_ids may hold ids outside [0, E) (experts of other ranks); they contribute nothing.
     """
     if activation != "silu":
@@ -160,21 +199,28 @@ def fused_moe(
             f"expert shapes gate_up {gu.out_features}x{gu.in_features}, down {dn.out_features}x"
             f"{dn.in_features} do not fit hidden size {h}"
         )
-    if isinstance(config, GemmConfig) or config is None:
-        cfg1 = config or default_config(p, gu.num_experts, gu.out_features)
-        cfg2 = config or default_config(p, dn.num_experts, dn.out_features)
-    else:
+    if isinstance(config, tuple):
         cfg1, cfg2 = config
+    else:
+        cfg1 = config or default_config(p, gu.num_experts, gu)
+        cfg2 = config or default_config(p, dn.num_experts, dn)
     hidden = hidden.contiguous()
     topk_weights = topk_weights.reshape(-1).contiguous()
-    d1 = dispatch(topk_ids, gu.num_experts, cfg1.block_m)
-    d2 = d1 if cfg2.block_m == cfg1.block_m else dispatch(topk_ids, dn.num_experts, cfg2.block_m)
+    dispatched: dict[int, object] = {}
+
+    def run(a, c, block, a_div, gated, mul_w, cfg):
+        if isinstance(cfg, GemvConfig):
+            return _gemv(a, c, topk_weights, topk_ids, block, a_div, gated, mul_w, cfg)
+        if cfg.block_m not in dispatched:
+            dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
+        return _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg)
+
     inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
-    _gemm(hidden, inter, topk_weights, d1, gu, p, k, True, False, cfg1)
-    # pairs routed outside [0, E) (expert parallelism) are in no block: their rows must read as zero
+    run(hidden, inter, gu, k, True, False, cfg1)
+    # pairs routed outside [0, E) (expert parallelism) are computed by no program: their rows must read as zero
     alloc = torch.zeros if expert_parallel else torch.empty
     out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
-    _gemm(inter, out, topk_weights, d2, dn, p, 1, False, True, cfg2)
+    run(inter, out, dn, 1, False, True, cfg2)
     return out.view(t, k, h).sum(dim=1)
 
 

@@ -228,3 +228,110 @@ def moe_gemm_kernel(
         out = out * w[:, None]
     c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _gemv_rows(
+    a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows,
+    N: tl.constexpr, K: tl.constexpr,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BN: tl.constexpr, GPS: tl.constexpr,
+):  # fmt: skip
+    """[BN] fp32 = W[rows] . a for one activation row, with CUDA-core FMAs (no tensor-core staging).
+
+    K steps of GPS groups of 128: packed bytes are read as [BN, GPS, 64], so every row streams contiguous 64-byte
+    runs and a whole step's loads are in flight at once."""
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    r64 = rows.to(tl.int64)
+    g_ix = tl.arange(0, GPS)
+    j = tl.arange(0, 64)
+    for k0 in range(0, K, 128 * GPS):
+        kk = k0 + g_ix[:, None] * 128 + 2 * j[None, :]  # [GPS, 64] even input columns of the step
+        a_even = tl.load(a_ptr + a_row * K + kk).to(tl.float32)
+        a_odd = tl.load(a_ptr + a_row * K + kk + 1).to(tl.float32)
+        if HAS_BF16:
+            if fmt == 0:
+                base = w16 + slot * (N * K) + r64[:, None, None] * K + kk[None, :, :]
+                part = tl.load(base).to(tl.float32) * a_even[None] + tl.load(base + 1).to(tl.float32) * a_odd[None]
+                acc += tl.sum(tl.sum(part, axis=2), axis=1)
+        if HAS_INT8:
+            if fmt == 1:
+                base = w8 + slot * (N * K) + r64[:, None, None] * K + kk[None, :, :]
+                lo = tl.load(base).to(tl.float32) - 128.0
+                hi = tl.load(base + 1).to(tl.float32) - 128.0
+                acc += tl.sum(tl.sum(lo * a_even[None] + hi * a_odd[None], axis=2), axis=1)
+        if HAS_INT4:
+            if fmt == 2:
+                acc += _gemv_int4(w4, s4, s4, slot, r64, k0, a_even, a_odd, N, K, False, GPS)
+        if HAS_INT4_ASYM:
+            if fmt == 3:
+                acc += _gemv_int4(wa, sa, za, slot, r64, k0, a_even, a_odd, N, K, True, GPS)
+    if HAS_INT8:
+        if fmt == 1:
+            acc = acc * tl.load(s8 + slot * N + rows).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _gemv_int4(w_ptr, s_ptr, z_ptr, slot, r64, k0, a_even, a_odd, N: tl.constexpr, K: tl.constexpr,
+               ASYM: tl.constexpr, GPS: tl.constexpr):  # fmt: skip
+    groups: tl.constexpr = K // 128
+    g_ix = tl.arange(0, GPS)
+    j = tl.arange(0, 64)
+    b = tl.load(w_ptr + slot * (N * K // 2) + r64[:, None, None] * (K // 2) + (k0 // 2 + g_ix[:, None] * 64 + j)[None])
+    sidx = slot * (N * groups) + r64[:, None] * groups + k0 // 128 + g_ix[None, :]  # [BN, GPS]
+    if ASYM:
+        off = tl.load(z_ptr + sidx).to(tl.float32)[:, :, None]
+    else:
+        off = 8.0
+    lo = (b & 0xF).to(tl.float32) - off
+    hi = (b >> 4).to(tl.float32) - off
+    part = tl.sum(lo * a_even[None] + hi * a_odd[None], axis=2)  # [BN, GPS]
+    return tl.sum(part * tl.load(s_ptr + sidx).to(tl.float32), axis=1)
+
+
+@triton.jit
+def moe_gemv_kernel(
+    a_ptr, c_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
+    w16, w8, s8, w4, s4, wa, sa, za,
+    E,
+    N: tl.constexpr, K: tl.constexpr,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BN: tl.constexpr, GPS: tl.constexpr,
+):  # fmt: skip
+    """Decode path: one program per (pair, column tile), no dispatch; the pair's expert comes from topk_ids.
+
+    Pairs that share an expert each read its weights (from L2 when they run together), which is cheaper than sorting
+    while experts see about one token each."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + p)
+    if (e < 0) | (e >= E):
+        return
+    fmt = tl.load(fmt_ptr + e)
+    slot = tl.load(slot_ptr + e).to(tl.int64)
+    a_row = (p // A_DIV).to(tl.int64)
+    jn = tl.arange(0, BN)
+    if GATED:
+        cols = pid_n * (BN // 2) + (jn % (BN // 2))
+        ok = cols < N // 2
+        rows = tl.where(ok, cols, 0) + tl.where(jn < BN // 2, 0, N // 2)
+    else:
+        cols = pid_n * BN + jn
+        ok = cols < N
+        rows = tl.where(ok, cols, 0)
+    acc = _gemv_rows(a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, N, K,
+                     HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BN, GPS)  # fmt: skip
+    if GATED:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
+        out = gate * tl.sigmoid(gate) * up
+        n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        nmask = n < N // 2
+    else:
+        out = acc
+        n = cols
+        nmask = ok
+    if MUL_W:
+        out = out * tl.load(topk_w_ptr + p).to(tl.float32)
+    tl.store(c_ptr + p.to(tl.int64) * (N // 2 if GATED else N) + n, out.to(c_ptr.dtype.element_ty), mask=nmask)
