@@ -10,6 +10,7 @@ Pair p = token * top_k + slot. `sorted_pairs` holds pair ids (P = padding); `blo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,7 @@ def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
     """One kernel launch for decode-sized batches (what dominates at 1-64 tokens), the torch path beyond."""
     p = topk_ids.numel()
     pp, ep = _pow2(max(p, 16)), _pow2(experts + 1)
-    if triton is None or pp * ep > SMALL_LIMIT or not (topk_ids.is_cuda or _interpreting()):
+    if triton is None or pp * ep > SMALL_LIMIT or not (topk_ids.is_cuda or interpreting()):
         return dispatch_torch(topk_ids, experts, block_m)
     nb = max_blocks(p, experts, block_m)
     sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=topk_ids.device)
@@ -132,7 +133,6 @@ def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
     return Dispatch(sorted_pairs, block_expert, block_m)
 
 
-def _interpreting() -> bool:
-    import os
-
+def interpreting() -> bool:
+    """Triton runs on the CPU through its interpreter (CI); chosen by the environment before kernels are defined."""
     return os.environ.get("TRITON_INTERPRET") == "1"

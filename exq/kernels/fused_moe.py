@@ -6,13 +6,12 @@ silu(gate) * up in its epilogue, down GEMM scaled by the routing weights; then a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from exq.errors import ExqError
-from exq.kernels.dispatch import dispatch
+from exq.kernels.dispatch import dispatch, interpreting
 from exq.kernels.moe_gemm import KERNEL_FORMATS, moe_gemm_kernel, moe_gemv_kernel
 
 
@@ -119,10 +118,6 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     if per_expert <= 32:
         return GemmConfig(32, 64, 128, 4, 3)
     return GemmConfig(64, 128, 64, 8, 3)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig) -> None:
