@@ -45,6 +45,7 @@ class Artifact:
     solver: dict
     inputs: dict
     routing: list[list[float]] | None = None  # per MoE layer, each expert's share of routed slots (for reports)
+    kernels: dict | None = None  # pass D: {gpu: [per MoE layer: {"class", "configs": {T: config}} | None]}
     exq_version: str = field(default_factory=_exq_version)
 
     # ---- derived --------------------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class Artifact:
             "solver": self.solver,
             "inputs": self.inputs,
             "routing": self.routing,
+            "kernels": self.kernels,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -145,6 +147,7 @@ class Artifact:
                 solver=h["solver"],
                 inputs=h["inputs"],
                 routing=h.get("routing"),
+                kernels=h.get("kernels"),
                 exq_version=str(h["exq_version"]),
             )
             recorded = int(h["summary"]["bytes"])
@@ -181,6 +184,10 @@ class Artifact:
                 raise bad(f"layer {li}: expert granularity needs one format per expert")
         if self.routing is not None and [len(r) for r in self.routing] != [int(m["num_experts"]) for m in layers]:
             raise bad("routing shares do not match the experts")
+        if self.kernels is not None:
+            why = check_kernels(self.kernels, len(layers))
+            if why:
+                raise bad(f"kernel configurations: {why}")
         used = {name for _, name in self.units()}
         not_runnable = sorted(f for f in used if self.runtime not in FORMATS[f].runtimes)
         if not_runnable:
@@ -190,3 +197,21 @@ class Artifact:
             raise bad(f"it records {recorded_bytes:,} bytes but its units take {total:,}")
         if total > self.budget["bytes"]:
             raise bad(f"its units take {total:,} bytes, over the budget of {self.budget['bytes']:,}")
+
+
+def check_kernels(kernels: dict, n_layers: int) -> str | None:
+    """Why pass D's section is malformed, or None."""
+    from exq.kernels.tuning import config_from_dict
+
+    try:
+        for gpu, layers in kernels.items():
+            if len(layers) != n_layers:
+                return f"{gpu}: {len(layers)} entries for {n_layers} MoE layers"
+            for entry in layers:
+                if entry is not None:
+                    for t, cfg in entry["configs"].items():
+                        int(t)
+                        config_from_dict(cfg)
+    except (AttributeError, KeyError, TypeError, ValueError, FormatError) as e:
+        return str(e)
+    return None

@@ -13,9 +13,11 @@ from exq.compiler.costs import FrequencyProxy, SensitivityTable
 from exq.compiler.layout import layer_layout
 from exq.compiler.prefetch import build_schedule
 from exq.compiler.solvers import Infeasible, Solution, solve
+from exq.compiler.specialize import specialize
 from exq.compiler.units import BLOCKS, build_units, bytes_table, unit_bytes
 from exq.errors import ExqError
 from exq.formats import FORMATS, parse_formats, runtime_formats
+from exq.kernels.tuning import packaged_tables
 from exq.models.fingerprint import check_same_model
 from exq.profiling.routing_profile import RoutingProfile
 
@@ -121,5 +123,6 @@ def compile_plan(
         },
         routing=[[round(float(x), 6) for x in profile.share(li)] for li in range(len(profile.layers))],
     )
+    art.kernels = specialize(profile.model["structure"], experts, art.routing, packaged_tables())
     art.validate()
     return art, sol

@@ -19,10 +19,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FMT_BF16, FMT_INT8, FMT_INT4, FMT_INT4_ASYM = 0, 1, 2, 3
-KERNEL_FORMATS = {"bf16": FMT_BF16, "int8": FMT_INT8, "int4": FMT_INT4, "int4-asym": FMT_INT4_ASYM}
-GROUP = 128
-
 
 @triton.jit
 def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):

@@ -100,6 +100,8 @@ def quantization_config(model: nn.Module, artifact: Artifact, quantizer: str, pl
                 "gate_up": artifact.layout[m.index]["gate_up"],
                 "down": artifact.layout[m.index]["down"],
                 "formats": artifact.experts[m.index],
+                # pass D's configurations for this layer, per GPU (the runtime takes the one it runs on)
+                "kernels": {gpu: layers[m.index] for gpu, layers in (artifact.kernels or {}).items()},
             }
             for m in moe_layers(model)
         ],

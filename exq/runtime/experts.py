@@ -105,7 +105,46 @@ class QuantizedExperts(nn.Module):
         self.gate_up = QuantizedBlock(layout["gate_up"], 2 * intermediate_size, hidden_size, device)
         self.down = QuantizedBlock(layout["down"], hidden_size, intermediate_size, device)
 
+    kernels: str = "auto"  # "auto": the fused op on a GPU when it can run this layer; "on": always; "off": never
+    kernel_plan: dict = {}  # noqa: RUF012 - replaced per instance by the loader: {gpu: {"class", "configs"}}
+
+    def kernel_supported(self) -> bool:
+        from exq.kernels.configs import KERNEL_FORMATS
+
+        names = {f for b in (self.gate_up, self.down) for f, _, _ in b.slab_spec}
+        return names <= set(KERNEL_FORMATS) and self.hidden_dim % 128 == 0 and self.intermediate_dim % 128 == 0
+
+    def _use_kernel(self, hidden: torch.Tensor) -> bool:
+        if self.kernels == "off" or hidden.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if self.kernels == "on":
+            return True
+        if not hidden.is_cuda or not self.kernel_supported():
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def kernel_config(self, tokens: int, device: torch.device):
+        """Pass D's choice for this GPU and batch size: the entry of the smallest planned batch >= tokens."""
+        from exq.kernels.tuning import config_from_dict
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        entry = self.kernel_plan.get(name) if name else None
+        if not entry:
+            return None
+        sizes = sorted(int(t) for t in entry["configs"])
+        pick = next((t for t in sizes if t >= tokens), sizes[-1])
+        return config_from_dict(entry["configs"][str(pick)])
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self._use_kernel(hidden_states):
+            from exq.kernels import fused_moe
+
+            cfg = self.kernel_config(hidden_states.shape[0], hidden_states.device)
+            return fused_moe(hidden_states, top_k_weights, top_k_index, self, config=cfg)
         dtype = hidden_states.dtype
         gate_up, down = self.gate_up.dequantized(dtype), self.down.dequantized(dtype)
         out = torch.zeros_like(hidden_states)

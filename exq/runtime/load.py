@@ -43,10 +43,7 @@ def _recompute_buffers(model: nn.Module, buffers: dict[str, list[str]], device: 
     for name, missing in buffers.items():
         module = model.get_submodule(name)
         try:
-            try:
-                fresh = type(module)(model.config, device=device)
-            except TypeError:
-                fresh = type(module)(model.config)
+            fresh = type(module)(model.config)  # built on the CPU, moved below (a device argument is deprecated)
         except Exception as e:
             raise ExqError(f"cannot rebuild the computed buffers of {name} ({type(module).__name__}): {e}") from e
         for b in missing:
@@ -60,8 +57,18 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ExqError(f"cannot read {path}: {e}", "the checkpoint is corrupt or truncated; re-quantize it") from e
 
 
-def load(path: str | Path, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load an exq checkpoint folder written by `exq quantize` as a transformers causal LM in eval mode."""
+def load(
+    path: str | Path,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | None = None,
+    kernels: str = "auto",
+) -> nn.Module:
+    """Load an exq checkpoint folder written by `exq quantize` as a transformers causal LM in eval mode.
+
+    kernels: "auto" runs each MoE layer through the fused Triton op on a GPU (when its formats have kernels and
+    Triton is installed) and through the torch reference path otherwise; "off" always uses the reference path."""
+    if kernels not in ("auto", "off"):
+        raise ExqError(f"kernels={kernels!r}", "use 'auto' or 'off'")
     from transformers import AutoConfig
 
     path = Path(path)
@@ -69,6 +76,9 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: to
     config = AutoConfig.from_pretrained(path)
     state = _load_tensors(path / BASE_FILE) | _load_tensors(path / QUANTIZED_FILE)
     model = assemble(config, qc, state, device, dtype, where=str(path))
+    for m in model.modules():
+        if isinstance(m, QuantizedExperts):
+            m.kernels = kernels
     log.info("loaded exq checkpoint %s", path)
     return model
 
@@ -97,6 +107,7 @@ def assemble(
         experts = QuantizedExperts(
             spec["num_experts"], spec["hidden_size"], spec["intermediate_size"], act, layout, dtype, device="meta"
         )
+        experts.kernel_plan = spec.get("kernels") or {}
         _set_module(model, spec["module"], experts)
     for spec in qc["linears"]:
         lin = QuantizedLinear(

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from exq.errors import ExqError
+from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting
-from exq.kernels.moe_gemm import KERNEL_FORMATS, moe_gemm_kernel, moe_gemv_kernel
+from exq.kernels.moe_gemm import moe_gemm_kernel, moe_gemv_kernel
 
 
 @dataclass
@@ -76,34 +77,6 @@ def kernel_block(block) -> KernelBlock:
         for n in names:
             tensors.setdefault(n, torch.zeros(1, dtype=torch.uint8, device=dev))
     return KernelBlock(out_f, in_f, fmt.to(dev), slot.to(dev), tensors, frozenset(present))
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int = 16
-    block_n: int = 64
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """The decode path: one program per (pair, column tile), CUDA-core FMAs, no dispatch."""
-
-    block_n: int = 64
-    groups_per_step: int = 2  # K step = 128 x this
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))
-
-
-Config = GemmConfig | GemvConfig
 
 
 def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:

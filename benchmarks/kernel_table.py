@@ -1,0 +1,63 @@
+"""Turn `exq bench kernels` results into a tuned kernel table (exq/kernels/tuned/NAME.json).
+
+    python benchmarks/kernel_table.py docs/bench/kernels_h100_*.json --output exq/kernels/tuned/h100.json
+
+Every (shape, plan, tokens) cell whose best configuration is known becomes an entry keyed by the layer class and the
+rows per active expert of that run (uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line
+override earlier ones for the same cell (newer kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from exq.bench import SHAPES
+from exq.fileio import atomic_write_bytes
+from exq.kernels.tuning import TABLE_FORMAT, TABLE_SCHEMA, config_to_dict, parse_bench_config, validate_table
+
+
+def rows_per_active_expert(tokens: int, experts: int, k: int) -> float:
+    active = experts * (1 - (1 - k / experts) ** tokens)
+    return tokens * k / active
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--output", required=True, type=Path)
+    a = ap.parse_args()
+    cells, gpu = {}, None
+    for path in a.results:
+        r = json.loads(path.read_text())
+        gpu = gpu or r["device"]
+        if r["device"] != gpu:
+            raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")
+        for row in r["rows"]:
+            cfg = parse_bench_config(row.get("exq_config"))
+            if cfg is None:
+                continue
+            e, _, _, k = SHAPES[row["shape"]]
+            cells[(row["shape"], row["plan"], row["tokens"])] = {
+                "class": row["plan"],
+                "shape": row["shape"],
+                "tokens": row["tokens"],
+                "rows_per_expert": round(rows_per_active_expert(row["tokens"], e, k), 4),
+                "config": config_to_dict(cfg),
+                "us": round(row["exq_us"], 2),
+            }
+    table = {
+        "format": TABLE_FORMAT,
+        "schema_version": TABLE_SCHEMA,
+        "gpu": gpu,
+        "source": [p.name for p in a.results],
+        "entries": sorted(cells.values(), key=lambda c: (c["class"], c["rows_per_expert"], c["shape"])),
+    }
+    validate_table(table, str(a.output))
+    atomic_write_bytes(a.output, (json.dumps(table, indent=1) + "\n").encode())
+    print(f"wrote {a.output}: {len(cells)} entries for {gpu}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Pass D, layer specialisation: each layer's kernel configuration per batch size, chosen from its routing.
+
+How many rows an expert's weights serve in one step decides the kernel: while most experts see about one token a
+GEMV path that skips dispatch wins, a few tokens want small tensor-core row blocks, many want large tiles (measured:
+docs/perf-notes.md). With a profile we know how skewed each layer's routing is, so for a batch of T tokens the
+expected number of distinct experts touched is sum_e 1 - (1 - q_e)^T (q_e: the chance a token picks expert e, its
+share of routed slots times top-k) and rows per active expert = T k / that. Skewed layers reach large row blocks at
+smaller T than uniform ones. The choice itself comes from a tuned table per GPU and layer class (exq.kernels.tuning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def rows_per_active_expert(shares: np.ndarray, top_k: int, tokens: int) -> float:
+    q = np.clip(np.asarray(shares, dtype=np.float64) * top_k, 0.0, 1.0)
+    active = float(np.sum(1.0 - (1.0 - q) ** tokens))
+    return tokens * top_k / max(active, 1e-9)
+
+
+def fit_config(cfg, gate_up_in: int, down_in: int):
+    """The table's config adjusted to this layer's reduction sizes (a K step must divide both)."""
+    from exq.kernels.configs import GemvConfig
+
+    if isinstance(cfg, GemvConfig):
+        g = cfg.groups_per_step
+        while g > 1 and (gate_up_in % (128 * g) or down_in % (128 * g)):
+            g //= 2
+        return dataclasses.replace(cfg, groups_per_step=g)
+    k = cfg.block_k
+    while k > 16 and (gate_up_in % k or down_in % k):
+        k //= 2
+    return dataclasses.replace(cfg, block_k=k)
+
+
+def specialize(structure: dict, experts: list[dict], routing: list[list[float]] | None, tables: dict) -> dict:
+    """{gpu: [per MoE layer: {"class", "configs": {T: config dict}} or None (runs in torch)]}."""
+    from exq.kernels.tuning import choose, config_to_dict, layer_class
+
+    out = {}
+    for gpu, table in tables.items():
+        layers = []
+        for li, meta in enumerate(structure["moe_layers"]):
+            cls = layer_class(set(experts[li]["gate_up"]) | set(experts[li]["down"]))
+            if cls is None or meta["hidden_size"] % 128 or meta["intermediate_size"] % 128:
+                layers.append(None)
+                continue
+            e, k = int(meta["num_experts"]), int(meta["top_k"])
+            shares = np.asarray(routing[li]) if routing is not None else np.full(e, 1.0 / e)
+            configs = {}
+            for t in BATCH_SIZES:
+                cfg = choose(table, cls, rows_per_active_expert(shares, k, t))
+                if cfg is not None:
+                    configs[str(t)] = config_to_dict(fit_config(cfg, meta["hidden_size"], meta["intermediate_size"]))
+            layers.append({"class": cls, "configs": configs})
+        out[gpu] = layers
+    return out

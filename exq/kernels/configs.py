@@ -1,0 +1,36 @@
+"""Kernel configurations and the formats the kernels read (no Triton needed: the compiler and tables use them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# format name -> the code the kernels branch on (moe_op.KernelBlock.fmt)
+KERNEL_FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "int4-asym": 3}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The decode path: one program per (pair, column tile), CUDA-core FMAs, no dispatch."""
+
+    block_n: int = 64
+    groups_per_step: int = 2  # K step = 128 x this
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+Config = GemmConfig | GemvConfig

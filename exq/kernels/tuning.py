@@ -1,0 +1,96 @@
+"""Tuned kernel tables: which kernel configuration won, per GPU, layer class and rows per active expert.
+
+A table is measured by `exq bench kernels` (its sweep records the best config of every (shape, plan, tokens) cell)
+and turned into a file by `benchmarks/kernel_table.py`; tables ship in `exq/kernels/tuned/`. The compiler's pass D
+(`exq.compiler.specialize`) reads them to pick each layer's configuration per batch size from the profile's routing,
+and the runtime uses what the plan stored.
+
+Key: the layer class (`int4` when every expert is int4/int4-asym, `bf16` when all are bf16, else `mixed`) and the
+expected rows per active expert, the quantity that decides between the GEMV path, small row blocks and large
+tensor-core tiles. Lookups take the entry nearest in log(rows).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+from pathlib import Path
+
+from exq.errors import FormatError
+from exq.fileio import read_json
+from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
+
+TABLE_FORMAT = "exq-kernel-table"
+TABLE_SCHEMA = 1
+TUNED_DIR = Path(__file__).parent / "tuned"
+CLASSES = ("int4", "mixed", "bf16")
+
+
+def layer_class(formats: set[str]) -> str | None:
+    """The table class of a layer's formats, or None when a format has no kernel (the layer runs in torch)."""
+    if not formats <= set(KERNEL_FORMATS):
+        return None
+    if formats <= {"int4", "int4-asym"}:
+        return "int4"
+    return "bf16" if formats == {"bf16"} else "mixed"
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return {"kind": "gemv" if isinstance(cfg, GemvConfig) else "gemm", **cfg.as_dict()}
+
+
+def config_from_dict(d: dict) -> Config:
+    kind = d.get("kind")
+    args = {k: int(v) for k, v in d.items() if k != "kind"}
+    if kind == "gemv":
+        return GemvConfig(**args)
+    if kind == "gemm":
+        return GemmConfig(**args)
+    raise FormatError(f"unknown kernel config kind {kind!r}")
+
+
+def parse_bench_config(value) -> Config | None:
+    """A config as `exq bench kernels` recorded it: a GemmConfig tuple, 'GemvConfig(...)' / 'GemmConfig(...)', or
+    None (the default rule of that run, unknown afterwards)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return GemmConfig(*value)
+    m = re.fullmatch(r"(GemmConfig|GemvConfig)\(([\d, ]+)\)", str(value))
+    if not m:
+        raise FormatError(f"cannot read kernel config {value!r}")
+    args = [int(x) for x in m.group(2).split(",")]
+    return (GemmConfig if m.group(1) == "GemmConfig" else GemvConfig)(*args)
+
+
+def validate_table(t: dict, where: str) -> dict:
+    if t.get("format") != TABLE_FORMAT or t.get("schema_version") != TABLE_SCHEMA:
+        raise FormatError(f"{where} is not an exq kernel table of schema {TABLE_SCHEMA}")
+    try:
+        for e in t["entries"]:
+            if e["class"] not in CLASSES or not float(e["rows_per_expert"]) > 0:
+                raise FormatError(f"{where}: bad entry {e}")
+            config_from_dict(e["config"])
+        str(t["gpu"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where} is missing a field ({e})", "rebuild it with benchmarks/kernel_table.py") from e
+    return t
+
+
+@cache
+def packaged_tables() -> dict[str, dict]:
+    """GPU name -> table, for every table shipped with exq."""
+    out = {}
+    for f in sorted(TUNED_DIR.glob("*.json")):
+        t = validate_table(read_json(f, "kernel table"), str(f))
+        out[t["gpu"]] = t
+    return out
+
+
+def choose(table: dict, cls: str, rows_per_expert: float) -> Config | None:
+    entries = [e for e in table["entries"] if e["class"] == cls]
+    if not entries:
+        return None
+    best = min(entries, key=lambda e: abs(math.log(float(e["rows_per_expert"])) - math.log(max(rows_per_expert, 1e-3))))
+    return config_from_dict(best["config"])

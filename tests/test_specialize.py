@@ -1,0 +1,126 @@
+"""Pass D: expected rows per active expert against brute-force enumeration, table lookups, plans and the runtime."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEMO_MODEL, DEVICE
+
+from exq.compiler.specialize import fit_config, rows_per_active_expert, specialize
+from exq.kernels import GemmConfig, GemvConfig
+from exq.kernels.tuning import choose, config_to_dict, layer_class, packaged_tables
+
+
+def test_rows_per_active_expert_matches_enumeration():
+    """top-1 routing: tokens are independent draws from the shares, so E[distinct experts] can be enumerated."""
+    shares = np.array([0.6, 0.3, 0.1])
+    for tokens in (1, 2, 3, 4):
+        distinct = 0.0
+        for draw in itertools.product(range(3), repeat=tokens):
+            distinct += np.prod(shares[list(draw)]) * len(set(draw))
+        assert rows_per_active_expert(shares, 1, tokens) == pytest.approx(tokens / distinct)
+
+
+def test_skewed_routing_fills_experts_sooner():
+    uniform = np.full(64, 1 / 64)
+    skewed = np.r_[np.full(8, 0.1), np.full(56, 0.2 / 56)]
+    assert rows_per_active_expert(skewed, 8, 16) > rows_per_active_expert(uniform, 8, 16) > 1
+
+
+def _table(*entries):
+    return {"entries": [{"class": c, "rows_per_expert": r, "config": config_to_dict(cfg)} for c, r, cfg in entries]}
+
+
+def test_choose_takes_the_nearest_entry_in_log_rows():
+    t = _table(("int4", 1.0, GemvConfig(32, 1)), ("int4", 8.0, GemmConfig(16)), ("int4", 64.0, GemmConfig(64)))
+    assert choose(t, "int4", 1.2) == GemvConfig(32, 1)
+    assert choose(t, "int4", 3.0) == GemmConfig(16)  # log-nearer to 8 than to 1
+    assert choose(t, "int4", 500.0) == GemmConfig(64)
+    assert choose(t, "bf16", 3.0) is None
+
+
+def test_layer_class_and_fit():
+    assert layer_class({"int4", "int4-asym"}) == "int4"
+    assert layer_class({"bf16"}) == "bf16"
+    assert layer_class({"int4", "bf16", "int8"}) == "mixed"
+    assert layer_class({"int4", "int3"}) is None
+    assert fit_config(GemvConfig(32, 4), 2048, 1408).groups_per_step == 1  # 1408 = 11 x 128
+    assert fit_config(GemvConfig(32, 4), 2048, 1024).groups_per_step == 4
+    assert fit_config(GemmConfig(16, 64, 128), 4096, 192).block_k == 64
+
+
+def test_plans_carry_the_specialisation(demo_profile, tmp_path):
+    from exq.compiler import Artifact, compile_plan
+    from exq.errors import FormatError
+
+    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym,int3")
+    assert set(art.kernels) == set(packaged_tables())
+    for layers in art.kernels.values():
+        for li, entry in enumerate(layers):
+            fmts = set(art.experts[li]["gate_up"]) | set(art.experts[li]["down"])
+            if "int3" in fmts:
+                assert entry is None
+            else:
+                assert entry["class"] == layer_class(fmts) and "1" in entry["configs"]
+    path = art.save(tmp_path / "plan.json")
+    assert Artifact.load(path).kernels == art.kernels
+    direct = specialize(art.model["structure"], art.experts, art.routing, packaged_tables())
+    assert direct == art.kernels
+    doc = json.loads(path.read_text())
+    gpu = next(iter(doc["kernels"]))
+    doc["kernels"][gpu] = doc["kernels"][gpu][:1]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError):
+        Artifact.load(path)
+
+
+def test_runtime_module_runs_the_fused_op(tmp_path):
+    """QuantizedExperts with kernels on equals the reference path on transformers-style inputs."""
+    from exq.kernels.synthetic import mixed_formats, random_experts
+
+    mod = random_experts(8, 256, 128, mixed_formats(8, {"bf16": 0.25, "int8": 0.25, "int4": 0.5}), device=DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    w, ids = torch.topk(torch.randn(6, 8, generator=gen).softmax(-1), 2)
+    w, ids = w.to(DEVICE), ids.to(DEVICE)  # fp32 weights and int64 ids, as routers hand them over
+    mod.kernels = "off"
+    ref = mod(x, ids, w)
+    mod.kernels = "on"
+    out = mod(x, ids, w)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+def test_loaded_checkpoint_runs_the_fused_op(demo_profile, tmp_path, monkeypatch):
+    """exq.load with kernels on and off: the same model to bf16 rounding."""
+    import exq
+    import exq.kernels.moe_op as op
+    from exq.compiler import compile_plan
+    from exq.models import load_model
+    from exq.quant.apply import quantize_experts
+    from exq.quant.checkpoint import write_checkpoint
+    from exq.runtime.experts import QuantizedExperts
+
+    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym")
+    model = load_model(DEMO_MODEL, device="cpu")
+    out = write_checkpoint(
+        model, art, quantize_experts(model, art, None, "rtn", False), tmp_path / "q", DEMO_MODEL, "rtn"
+    )
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = op.fused_moe
+    monkeypatch.setattr(op, "fused_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits = {}
+    for mode in ("off", "on"):
+        q = exq.load(out, device=DEVICE, kernels="auto")
+        for m in q.modules():
+            if isinstance(m, QuantizedExperts):
+                assert m.kernel_plan  # pass D's choices travel in the checkpoint
+                m.kernels = mode
+        logits[mode] = torch.log_softmax(q(input_ids=ids.to(DEVICE)).logits.float(), -1)
+    kl = (logits["off"].exp() * (logits["off"] - logits["on"])).sum(-1).mean()
+    assert len(calls) == len(art.experts)  # every MoE layer went through the op once, only with kernels on
+    assert float(kl) < 1e-3
