@@ -138,12 +138,13 @@ def _fits(block_m: int, pairs: int, experts: int) -> bool:
     return block_m <= max(16, 4 * per) and block_m >= min(64, per / 8)
 
 
-def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log) -> list[dict]:
+def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans) -> list[dict]:
     from exq.kernels.synthetic import mixed_formats, random_experts
 
     e, h, i, k = SHAPES[name]
     rows = []
-    for plan, shares in PLANS.items():
+    for plan in plans:
+        shares = PLANS[plan]
         mods = [random_experts(e, h, i, mixed_formats(e, shares, seed=s), device="cuda", seed=s) for s in range(layers)]
         for t in tokens:
             x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
@@ -260,7 +261,7 @@ def check_against_sglang(sgl, log) -> float:
     return err
 
 
-def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path) -> dict:
+def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path, plans=tuple(PLANS)) -> dict:
     if not torch.cuda.is_available():
         from exq.errors import ExqError
 
@@ -286,7 +287,7 @@ def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output
     if sgl is not None:
         result["sglang_check_relative_error"] = check_against_sglang(sgl, log)
     for name in shapes:
-        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log)
+        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log, plans)
     output.parent.mkdir(parents=True, exist_ok=True)
     from exq.fileio import atomic_write_bytes
 

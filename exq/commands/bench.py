@@ -10,7 +10,7 @@ from exq.commands.common import positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
-    from exq.bench import SHAPES, TOKENS
+    from exq.bench import PLANS, SHAPES, TOKENS
 
     p = sub.add_parser(
         "bench",
@@ -21,6 +21,7 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p.add_argument("what", choices=["kernels"])
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=positive_int, default=list(TOKENS))
+    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS), help="format plans to time")
     p.add_argument("--layers", type=positive_int, default=8, help="distinct layers per CUDA graph (default 8)")
     p.add_argument("--reps", type=positive_int, default=50, help="graph replays; the median is reported")
     p.add_argument("--sglang-wheel", help="an sglang wheel (pip download sglang --no-deps) for the INT4 baseline")
@@ -34,7 +35,7 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
         if a.layers < 8:
             raise ExqError("--layers must be at least 8 so that weights stream from HBM, not L2")
         out = Path(a.output)
-        result = bench(a.shapes, a.tokens, a.layers, a.reps, a.sglang_wheel, out)
+        result = bench(a.shapes, a.tokens, a.layers, a.reps, a.sglang_wheel, out, a.plans)
         md = report.markdown(result)
         out.with_suffix(".md").write_text(md + "\n")
         report.plot(result, out.with_suffix(".png"))
