@@ -88,6 +88,7 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
         (ALL, torch.float16, 2, (GemvConfig(64, 2, 4, 2), GemvConfig(64, 1, 4, 2))),  # K steps of 2 groups
+        (ALL, torch.bfloat16, 3, (GemvConfig(32, 1, 4, 2, split_k=2), GemvConfig(32, 1, 4, 2))),  # split gate_up
     ],
 )
 def test_fused_moe_matches_torch(shares, dtype, tokens, config):
@@ -99,6 +100,20 @@ def test_fused_moe_matches_torch(shares, dtype, tokens, config):
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
     if tokens * k < experts:
         assert len(set(ids.flatten().tolist())) < experts  # some experts received no token
+
+
+@pytest.mark.parametrize("dtype,split", [(torch.bfloat16, 2), (torch.float16, 2)])
+def test_split_k_gemv_reduces_partials_and_top_k(dtype, split):
+    """Both projections split along K: partial sums, silu*up and the weighted top-k sum in the reduce kernels."""
+    experts, hidden, inter, k = 8, 256, 256, 3
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=7), device=DEVICE, seed=4)
+    x, w, ids = routing(5, experts, k, 3 if dtype == torch.float16 else 2, hidden, dtype)
+    out = fused_moe(x, w, ids, mod, config=GemvConfig(64, 1, 4, 2, split_k=split))
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+    foreign = ids.clone()
+    foreign[:, -1] = -1  # a slot of another rank adds nothing
+    out = fused_moe(x, w, foreign, mod, config=GemvConfig(64, 1, 4, 2, split_k=split), expert_parallel=True)
+    assert rel_err(out, reference(x, w[:, :-1], ids[:, :-1], mod)) < 1e-2
 
 
 def test_expert_parallel_ids_contribute_nothing():

@@ -50,6 +50,8 @@ def test_layer_class_and_fit():
     assert layer_class({"int4", "int3"}) is None
     assert fit_config(GemvConfig(32, 4), 2048, 1408).groups_per_step == 1  # 1408 = 11 x 128
     assert fit_config(GemvConfig(32, 4), 2048, 1024).groups_per_step == 4
+    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 1408).split_k == 1  # 11 groups: no even split
+    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 768).split_k == 2  # must divide 16 and 6 groups
     assert fit_config(GemmConfig(16, 64, 128), 4096, 192).block_k == 64
 
 

@@ -112,12 +112,17 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
 ]
-GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages)
-    (32, 1, 4, 2),
-    (64, 1, 4, 2),
-    (64, 2, 4, 2),
-    (128, 2, 8, 2),
-    (32, 4, 4, 2),
+GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k)
+    (32, 1, 4, 2, 1),
+    (64, 1, 4, 2, 1),
+    (64, 2, 4, 2, 1),
+    (128, 2, 8, 2, 1),
+    (32, 4, 4, 2, 1),
+    (32, 1, 4, 2, 2),
+    (32, 1, 4, 2, 4),
+    (64, 1, 4, 2, 4),
+    (32, 2, 4, 2, 4),
+    (32, 1, 4, 2, 8),
 ]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),
@@ -177,7 +182,9 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
     best = (row["exq_default_us"], None)
     candidates = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], t * k, e)]
     if t * k <= 4 * e:  # the GEMV path, while experts see a few tokens each
-        candidates += [GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1]) == 0 and i % (128 * c[1]) == 0]
+        candidates += [
+            GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0
+        ]
     for cfg in candidates:
         best = min(best, (ours(cfg), cfg), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (

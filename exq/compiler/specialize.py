@@ -28,10 +28,16 @@ def fit_config(cfg, gate_up_in: int, down_in: int):
     from exq.kernels.configs import GemvConfig
 
     if isinstance(cfg, GemvConfig):
-        g = cfg.groups_per_step
-        while g > 1 and (gate_up_in % (128 * g) or down_in % (128 * g)):
+
+        def fits(g: int, split: int) -> bool:
+            return not (gate_up_in % (128 * g * split) or down_in % (128 * g * split))
+
+        g, split = cfg.groups_per_step, cfg.split_k
+        while g > 1 and not fits(g, split):
             g //= 2
-        return dataclasses.replace(cfg, groups_per_step=g)
+        while split > 1 and not fits(g, split):
+            split -= 1
+        return dataclasses.replace(cfg, groups_per_step=g, split_k=split)
     k = cfg.block_k
     while k > 16 and (gate_up_in % k or down_in % k):
         k //= 2

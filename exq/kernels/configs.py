@@ -28,6 +28,7 @@ class GemvConfig:
     groups_per_step: int = 2  # K step = 128 x this
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1  # > 1: K cut in this many parts, partial sums finished by a reduce kernel
 
     def as_dict(self) -> dict:
         return dict(vars(self))

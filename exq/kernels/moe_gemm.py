@@ -228,7 +228,7 @@ def moe_gemm_kernel(
 
 @triton.jit
 def _gemv_rows(
-    a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows,
+    a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, k_lo, k_hi,
     N: tl.constexpr, K: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BN: tl.constexpr, GPS: tl.constexpr,
@@ -241,7 +241,7 @@ def _gemv_rows(
     r64 = rows.to(tl.int64)
     g_ix = tl.arange(0, GPS)
     j = tl.arange(0, 64)
-    for k0 in range(0, K, 128 * GPS):
+    for k0 in range(k_lo, k_hi, 128 * GPS):
         kk = k0 + g_ix[:, None] * 128 + 2 * j[None, :]  # [GPS, 64] even input columns of the step
         a_even = tl.load(a_ptr + a_row * K + kk).to(tl.float32)
         a_odd = tl.load(a_ptr + a_row * K + kk + 1).to(tl.float32)
@@ -288,20 +288,22 @@ def _gemv_int4(w_ptr, s_ptr, z_ptr, slot, r64, k0, a_even, a_odd, N: tl.constexp
 
 @triton.jit
 def moe_gemv_kernel(
-    a_ptr, c_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
+    a_ptr, c_ptr, ws_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
     w16, w8, s8, w4, s4, wa, sa, za,
-    E,
+    E, P,
     N: tl.constexpr, K: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
-    BN: tl.constexpr, GPS: tl.constexpr,
+    BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Decode path: one program per (pair, column tile), no dispatch; the pair's expert comes from topk_ids.
+    """Decode path: one program per (pair, column tile, K split), no dispatch; the pair's expert comes from topk_ids.
 
     Pairs that share an expert each read its weights (from L2 when they run together), which is cheaper than sorting
-    while experts see about one token each."""
+    while experts see about one token each. SPLIT > 1 cuts K so that a few active experts still put enough loads in
+    flight on every SM; partial sums go to an fp32 workspace [SPLIT, P, N] that `gemv_reduce_kernel` finishes."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     e = tl.load(ids_ptr + p)
     if (e < 0) | (e >= E):
         return
@@ -317,8 +319,12 @@ def moe_gemv_kernel(
         cols = pid_n * BN + jn
         ok = cols < N
         rows = tl.where(ok, cols, 0)
-    acc = _gemv_rows(a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, N, K,
+    k_lo = pid_s * (K // SPLIT)
+    acc = _gemv_rows(a_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, k_lo, k_lo + K // SPLIT, N, K,
                      HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BN, GPS)  # fmt: skip
+    if SPLIT > 1:
+        tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + rows, acc, mask=ok)
+        return
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
         out = gate * tl.sigmoid(gate) * up
@@ -331,3 +337,36 @@ def moe_gemv_kernel(
     if MUL_W:
         out = out * tl.load(topk_w_ptr + p).to(tl.float32)
     tl.store(c_ptr + p.to(tl.int64) * (N // 2 if GATED else N) + n, out.to(c_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def gemv_reduce_kernel(
+    ws_ptr, c_ptr, topk_w_ptr, ids_ptr, E, P,
+    N: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Finish a split GEMV. GATED: C[p] = silu(gate) * up from the partial sums of pair p.
+    Else (down): C[t] = sum_j w[t, j] * partials of pair t * TOP_K + j, the top-k reduction included."""
+    row = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    if GATED:
+        nmask = n < N // 2
+        gate = tl.zeros((BN,), dtype=tl.float32)
+        up = tl.zeros((BN,), dtype=tl.float32)
+        for s in range(SPLIT):
+            base = ws_ptr + (s * P + row).to(tl.int64) * N
+            gate += tl.load(base + n, mask=nmask, other=0.0)
+            up += tl.load(base + N // 2 + n, mask=nmask, other=0.0)
+        tl.store(c_ptr + row.to(tl.int64) * (N // 2) + n, (gate * tl.sigmoid(gate) * up).to(c_ptr.dtype.element_ty),
+                 mask=nmask)  # fmt: skip
+    else:
+        nmask = n < N
+        out = tl.zeros((BN,), dtype=tl.float32)
+        for j in range(TOP_K):
+            p = row * TOP_K + j
+            e = tl.load(ids_ptr + p)
+            if (e >= 0) & (e < E):
+                part = tl.zeros((BN,), dtype=tl.float32)
+                for s in range(SPLIT):
+                    part += tl.load(ws_ptr + (s * P + p).to(tl.int64) * N + n, mask=nmask, other=0.0)
+                out += part * tl.load(topk_w_ptr + p).to(tl.float32)
+        tl.store(c_ptr + row.to(tl.int64) * N + n, out.to(c_ptr.dtype.element_ty), mask=nmask)

@@ -13,7 +13,7 @@ import torch
 from exq.errors import ExqError
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting
-from exq.kernels.moe_gemm import moe_gemm_kernel, moe_gemv_kernel
+from exq.kernels.moe_gemm import gemv_reduce_kernel, moe_gemm_kernel, moe_gemv_kernel
 
 
 @dataclass
@@ -120,23 +120,36 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
 
 
 def _gemv(a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w, cfg: GemvConfig) -> None:
+    """Decode path. With split_k > 1 the down projection writes the final [T, H] output (top-k sum included)."""
     import triton
 
-    step = 128 * cfg.groups_per_step
-    if block.in_features % step:
-        raise ExqError(f"the GEMV path needs in_features ({block.in_features}) divisible by {step}")
+    step, split = 128 * cfg.groups_per_step, cfg.split_k
+    if block.in_features % (step * split):
+        raise ExqError(
+            f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
+            f"({step * split})"
+        )
+    pairs = topk_ids.numel()
     n_out = block.out_features // 2 if gated else block.out_features
+    ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device) if split > 1 else c
     t = block.tensors
-    grid = (topk_ids.numel(), triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n))
+    grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
     moe_gemv_kernel[grid](
-        a, c, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
+        a, c, ws, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
-        block.num_experts,
+        block.num_experts, pairs,
         N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
         HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
-        BN=cfg.block_n, GPS=cfg.groups_per_step, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if split > 1:
+        top_k = topk_ids.shape[-1] if not gated else 1
+        rows = pairs if gated else pairs // top_k
+        gemv_reduce_kernel[(rows, triton.cdiv(n_out, 256))](
+            ws, c, topk_weights, topk_ids.reshape(-1), block.num_experts, pairs,
+            N=block.out_features, TOP_K=top_k, GATED=gated, SPLIT=split, BN=256,
+        )  # fmt: skip
 
 
 def fused_moe(
@@ -185,6 +198,10 @@ def fused_moe(
 
     inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
     run(hidden, inter, gu, k, True, False, cfg1)
+    if isinstance(cfg2, GemvConfig) and cfg2.split_k > 1:  # its reduce kernel sums over top-k itself
+        final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+        _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2)
+        return final
     # pairs routed outside [0, E) (expert parallelism) are computed by no program: their rows must read as zero
     alloc = torch.zeros if expert_parallel else torch.empty
     out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
