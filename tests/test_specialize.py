@@ -123,6 +123,12 @@ def test_loaded_checkpoint_runs_the_fused_op(demo_profile, tmp_path, monkeypatch
                 assert m.kernel_plan  # pass D's choices travel in the checkpoint
                 m.kernels = mode
         logits[mode] = torch.log_softmax(q(input_ids=ids.to(DEVICE)).logits.float(), -1)
+    from exq.eval.logits import eager_experts
+
+    exq_mods = [m for m in q.modules() if isinstance(m, QuantizedExperts)]
+    with eager_experts(q):  # evaluation compares every variant on the reference path
+        assert all(m.kernels == "off" for m in exq_mods)
+    assert all(m.kernels == "on" for m in exq_mods)
     kl = (logits["off"].exp() * (logits["off"] - logits["on"])).sum(-1).mean()
     assert len(calls) == len(art.experts)  # every MoE layer went through the op once, only with kernels on
     assert float(kl) < 1e-3

@@ -18,16 +18,23 @@ from exq.data.corpus import Domain, split_tokens
 
 @contextmanager
 def eager_experts(model: nn.Module) -> Iterator[nn.Module]:
+    from exq.runtime.experts import QuantizedExperts
+
+    exq_modules = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    kernels_before = [m.kernels for m in exq_modules]
+    for m in exq_modules:  # exq's fused op rounds differently from eager: the reference path, like every variant
+        m.kernels = "off"
     getter = getattr(model, "get_experts_implementation", None)
-    if getter is None:
-        yield model
-        return
-    before = model.get_experts_implementation()
-    model.set_experts_implementation("eager")
+    before = getter() if getter is not None else None
+    if getter is not None:
+        model.set_experts_implementation("eager")
     try:
         yield model
     finally:
-        model.set_experts_implementation(before)
+        if getter is not None:
+            model.set_experts_implementation(before)
+        for m, k in zip(exq_modules, kernels_before, strict=True):
+            m.kernels = k
 
 
 def batches(domains: Sequence[Domain], seq_len: int, batch_size: int) -> list[tuple[int, torch.Tensor]]:
