@@ -105,13 +105,20 @@ def sensitivity(
     return table, report, stats
 
 
-def _cached_profile(path: Path, fp: dict, cal: Calibration) -> RoutingProfile | None:
+def _load_stage(load, path: Path, fp: dict):
+    """A cached stage file of this model, or None (absent, or unreadable: then it is simply recomputed)."""
     if not path.is_file():
         return None
     try:
-        prof = RoutingProfile.load(path, model=fp)
+        return load(path, model=fp)
     except (FormatError, ExqError) as e:
         log.info("not reusing %s: %s", path, e)
+        return None
+
+
+def _cached_profile(path: Path, fp: dict, cal: Calibration) -> RoutingProfile | None:
+    prof = _load_stage(RoutingProfile.load, path, fp)
+    if prof is None:
         return None
     same = [d.sha256 for d in prof.domains] == cal.sha256 and prof.tokens == cal.tokens
     return prof if same else None
@@ -120,12 +127,8 @@ def _cached_profile(path: Path, fp: dict, cal: Calibration) -> RoutingProfile | 
 def _cached_table(
     path: Path, fp: dict, cal: Calibration, formats: list[str], quantizer: str
 ) -> SensitivityTable | None:
-    if not path.is_file():
-        return None
-    try:
-        table = SensitivityTable.load(path, model=fp)
-    except (FormatError, ExqError) as e:
-        log.info("not reusing %s: %s", path, e)
+    table = _load_stage(SensitivityTable.load, path, fp)
+    if table is None:
         return None
     rec = table.method.get("calibration", {})
     same = (

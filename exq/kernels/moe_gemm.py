@@ -26,57 +26,23 @@ def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
 
 
 @triton.jit
-def _tile_bf16(
-    a_ptr,
-    a_rows,
-    a_mask,
-    stride_am,
-    w_ptr,
-    slot,
-    rows,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    DT: tl.constexpr,
-):
+def _tile_dense(
+    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
+    INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
+    """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
     ks = tl.arange(0, BK)
     for k0 in range(0, K, BK):
         a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
-        w = tl.load(base + (k0 + ks)[:, None]).to(DT)
-        acc = tl.dot(a, w, acc)
+        w = tl.load(base + (k0 + ks)[:, None])
+        if INT8:
+            w = w.to(tl.int32) - 128
+        acc = tl.dot(a, w.to(DT), acc)
+    if INT8:
+        acc = acc * tl.load(s_ptr + slot * N + rows).to(tl.float32)[None, :]
     return acc
-
-
-@triton.jit
-def _tile_int8(
-    a_ptr,
-    a_rows,
-    a_mask,
-    stride_am,
-    w_ptr,
-    s_ptr,
-    slot,
-    rows,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    DT: tl.constexpr,
-):
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
-    ks = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
-        c = tl.load(base + (k0 + ks)[:, None])
-        acc = tl.dot(a, (c.to(tl.int32) - 128).to(DT), acc)
-    scale = tl.load(s_ptr + slot * N + rows).to(tl.float32)
-    return acc * scale[None, :]
 
 
 @triton.jit
@@ -157,10 +123,10 @@ def _expert_tile(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_BF16:
         if fmt == 0:
-            acc = _tile_bf16(a_ptr, a_rows, a_mask, stride_am, w16, slot, rows, N, K, BM, BN, BK, DT)
+            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, False, BM, BN, BK, DT)
     if HAS_INT8:
         if fmt == 1:
-            acc = _tile_int8(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, BM, BN, BK, DT)
+            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, True, BM, BN, BK, DT)
     if HAS_INT4:
         if fmt == 2:
             acc = _tile_int4(a_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, False, BM, BN, BK, DT,
