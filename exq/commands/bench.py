@@ -31,13 +31,14 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
         from exq.bench import report
         from exq.bench.kernels import run as bench
         from exq.errors import ExqError
+        from exq.fileio import atomic_write_bytes
 
         if a.layers < 8:
             raise ExqError("--layers must be at least 8 so that weights stream from HBM, not L2")
         out = Path(a.output)
         result = bench(a.shapes, a.tokens, a.layers, a.reps, a.sglang_wheel, out, a.plans)
         md = report.markdown(result)
-        out.with_suffix(".md").write_text(md + "\n")
+        atomic_write_bytes(out.with_suffix(".md"), (md + "\n").encode())
         report.plot(result, out.with_suffix(".png"))
         print(md)
         return 0
