@@ -1,10 +1,13 @@
 """Turn `exq bench kernels` results into a tuned kernel table (exq/kernels/tuned/NAME.json).
 
-    python benchmarks/kernel_table.py docs/bench/kernels_h100_*.json --output exq/kernels/tuned/h100.json
+    python benchmarks/kernel_table.py docs/bench/kernels_h100_{olmoe_qwen3,decode_v3,dsv2lite_mixtral,splitk_v5}.json \
+        docs/bench/kernels_h100_decode_v6{,_dsv2_mixtral}.json --output exq/kernels/tuned/h100.json
 
-Every (shape, plan, tokens) cell whose best configuration is known becomes an entry keyed by the layer class and the
+Every (shape, plan, tokens) cell whose best configuration is known (the default rule's winning cells take the
+best swept configuration, recorded in `exq_sweep`) becomes an entry keyed by the layer class and the
 rows per active expert of that run (uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line
-override earlier ones for the same cell (newer kernels).
+override earlier ones for the same cell (newer kernels); experiment files stay out (their configs may no longer
+exist).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def main() -> None:
         if r["device"] != gpu:
             raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")
         for row in r["rows"]:
-            cfg = parse_bench_config(row.get("exq_config"))
+            cfg, us = parse_bench_config(row.get("exq_config")), row["exq_us"]
+            if cfg is None and row.get("exq_sweep"):  # the default rule won: take the best swept config instead
+                name, us = min(row["exq_sweep"].items(), key=lambda kv: kv[1])
+                cfg = parse_bench_config(name)
             if cfg is None:
                 continue
             e, _, _, k = SHAPES[row["shape"]]
@@ -45,7 +51,7 @@ def main() -> None:
                 "tokens": row["tokens"],
                 "rows_per_expert": round(rows_per_active_expert(row["tokens"], e, k), 4),
                 "config": config_to_dict(cfg),
-                "us": round(row["exq_us"], 2),
+                "us": round(us, 2),
             }
     table = {
         "format": TABLE_FORMAT,

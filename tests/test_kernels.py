@@ -116,6 +116,25 @@ def test_split_k_gemv_reduces_partials_and_top_k(dtype, split):
     assert rel_err(out, reference(x, w[:, :-1], ids[:, :-1], mod)) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "fmt,dtype,config",
+    [
+        ("int4", torch.bfloat16, GemvConfig(32, 1, 4, 2)),
+        ("int4-asym", torch.float16, GemvConfig(64, 2, 4, 2)),
+        ("int4", torch.float16, GemvConfig(32, 1, 4, 2, split_k=2)),  # one K step per split
+        ("int4-asym", torch.bfloat16, GemvConfig(16, 2, 2, 2)),
+    ],
+)
+def test_gemv_single_int4_format(fmt, dtype, config):
+    """The GEMV path on layers of one int4 format (the case the runtime sends it), both activation dtypes: the
+    int32-word activation split and the mantissa-bit nibble decode against fp32 torch math."""
+    experts, hidden, inter, k = 8, 512, 256, 2
+    mod = random_experts(experts, hidden, inter, [fmt] * experts, device=DEVICE, seed=5)
+    x, w, ids = routing(3, experts, k, 11, hidden, dtype)
+    out = fused_moe(x, w, ids, mod, config=config)
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+
+
 def test_expert_parallel_ids_contribute_nothing():
     experts, hidden, inter = 8, 128, 128
     mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL), device=DEVICE, seed=2)

@@ -123,6 +123,13 @@ GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k)
     (64, 1, 4, 2, 4),
     (32, 2, 4, 2, 4),
     (32, 1, 4, 2, 8),
+    (16, 2, 4, 2, 1),
+    (32, 2, 4, 2, 1),
+    (32, 2, 4, 2, 2),
+    (64, 2, 4, 2, 2),
+    (64, 2, 8, 2, 1),
+    (128, 1, 8, 2, 1),
+    (64, 4, 8, 2, 1),
 ]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),
@@ -185,8 +192,11 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
         candidates += [
             GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0
         ]
+    row["exq_sweep"] = {}  # every candidate's time, to see how far the runners-up are
     for cfg in candidates:
-        best = min(best, (ours(cfg), cfg), key=lambda z: z[0])
+        us = ours(cfg)
+        row["exq_sweep"][type(cfg).__name__ + str(tuple(cfg.as_dict().values()))] = us
+        best = min(best, (us, cfg), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (
         best[0],
         None if best[1] is None else type(best[1]).__name__ + str(tuple(best[1].as_dict().values())),

@@ -83,9 +83,9 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     """A fixed rule until the compiler's per-layer table (pass D) names one: the GEMV path while experts see about
     one token each, small row blocks while they see a few, bigger tensor-core tiles once they are many."""
     per_expert = pairs / max(1, num_experts)
-    # measured on H100 (docs/perf-notes.md, v3): GEMV wins for int4 layers up to ~E/4 pairs and loses badly for bf16
-    if 2 * pairs <= num_experts and block.present <= {"int4", "int4-asym"} and block.in_features % 128 == 0:
-        return GemvConfig(64, 1, 4, 2)
+    # measured on H100 (docs/perf-notes.md, v6): GEMV wins for int4 layers up to ~E pairs and loses badly for bf16
+    if pairs <= num_experts and block.present <= {"int4", "int4-asym"} and block.in_features % 128 == 0:
+        return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
     if per_expert <= 4:
         return GemmConfig(16, 64, 128, 4, 4)
     if per_expert <= 32:
@@ -135,11 +135,11 @@ def _gemv(a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w,
     t = block.tensors
     grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
     moe_gemv_kernel[grid](
-        a, c, ws, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
+        a, a.view(torch.int32), c, ws, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
         block.num_experts, pairs,
-        N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
-        HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
+        N=block.out_features, K=block.in_features, A_BF16=a.dtype == torch.bfloat16, A_DIV=a_div, GATED=gated,
+        MUL_W=mul_w, HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
