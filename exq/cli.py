@@ -27,7 +27,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     parser.add_argument("--version", action="version", version=f"exq {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", title="stages", metavar="STAGE")
-    from exq.commands import bench, compiler, evaluate, profile, quantize
+    from exq.commands import bench, compiler, evaluate, profile, quantize, serve
 
     commands = {
         "profile": profile.add(sub),
@@ -37,6 +37,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         "eval": evaluate.add(sub),
         "diagnose": compiler.add_diagnose(sub),
         "bench": bench.add(sub),
+        "serve": serve.add(sub),
     }
     return parser, commands
 

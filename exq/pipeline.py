@@ -135,7 +135,7 @@ def _cached_table(
         rec.get("sha256") == cal.sha256
         and rec.get("tokens") == cal.tokens
         and rec.get("probe_tokens") == cal.probe_tokens
-        and table.formats == formats
+        and set(formats) <= set(table.formats)  # a table measured for more formats serves a subset
         and table.method.get("quantizer_name") == quantizer
     )
     return table if same else None
@@ -181,7 +181,8 @@ def compile_from_model(
     if table is None:
         table, _, _ = sensitivity(model, tok, cal, formats, quantizer, progress)
         table.save(sens_path)
-    art, sol = compile_plan(prof, budget, sensitivity=table, granularity=granularity, solver=solver)
+    candidates = formats if "bf16" in formats else ["bf16", *formats]  # bf16 is always a candidate
+    art, sol = compile_plan(prof, budget, sensitivity=table, granularity=granularity, solver=solver, formats=candidates)
     art.save(output)
     return art, sol, cached
 

@@ -4,7 +4,7 @@
 keeps one slab per format, experts in the plan's layout order. This is the plain-torch reference path: it dequantizes
 a block's slabs and then computes exactly like transformers' eager experts loop, so a checkpoint that stores bf16
 experts gives bit-identical logits to the original model run with `experts_implementation="eager"`. Fused kernels
-plug in behind the same module later.
+run behind the same module (`forward` picks them on a GPU).
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ class Slab(nn.Module):
 
     scale_override: torch.Tensor | None = None  # set by scale tuning: scales = base_scales * exp(override)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights [count, out, in], or only the matrices at `index` (decode touches a few experts)."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or index is None else t[index]
+
         if not self.fmt.quantized:
-            return self.weight.to(dtype)
-        codes = unpack(self.codes, self.fmt.bits, self.in_features)
+            return pick(self.weight).to(dtype)
+        codes = unpack(pick(self.codes), self.fmt.bits, self.in_features)
         scales = self.scales if self.scale_override is None else self.base_scales * self.scale_override.exp()
-        return dequantize(self.fmt, codes, scales, getattr(self, "zeros", None), torch.float32).to(dtype)
+        return dequantize(self.fmt, codes, pick(scales), pick(getattr(self, "zeros", None)), torch.float32).to(dtype)
 
 
 class QuantizedBlock(nn.Module):
@@ -85,6 +90,20 @@ class QuantizedBlock(nn.Module):
         """[E, out, in] in expert-id order."""
         stacked = torch.cat([self.slabs[slab_key(f)].dequantized(dtype) for f, _, _ in self.slab_spec])
         return stacked[self.position]
+
+    def dequantized_experts(self, experts: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The [out, in] weights of `experts` only, in that order: one dequantization per slab that holds any."""
+        where = {}  # slab key -> [(i, index in slab)]
+        for i, e in enumerate(experts):
+            pos = self.order.index(e) if self.position.device.type == "meta" else int(self.position[e])
+            f, start = next((f, s) for f, s, c in self.slab_spec if s <= pos < s + c)
+            where.setdefault(slab_key(f), []).append((i, pos - start))
+        out: list[torch.Tensor] = [None] * len(experts)  # type: ignore[list-item]
+        for key, items in where.items():
+            w = self.slabs[key].dequantized(dtype, torch.tensor([j for _, j in items], dtype=torch.long))
+            for (i, _), m in zip(items, w, strict=True):
+                out[i] = m
+        return out
 
 
 class QuantizedExperts(nn.Module):
@@ -145,18 +164,23 @@ class QuantizedExperts(nn.Module):
 
             cfg = self.kernel_config(hidden_states.shape[0], hidden_states.device)
             return fused_moe(hidden_states, top_k_weights, top_k_index, self, config=cfg)
+        return self._reference(hidden_states, top_k_index, top_k_weights)
+
+    def _reference(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """transformers' eager experts loop (one matmul pair per routed expert, never per token), dequantizing only
+        the experts this batch routes to."""
         dtype = hidden_states.dtype
-        gate_up, down = self.gate_up.dequantized(dtype), self.down.dequantized(dtype)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit[:, 0].tolist():
-            if e == self.num_experts:  # expert-parallel placeholder id
-                continue
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        hit = [e for e in hit if e != self.num_experts]  # num_experts: the expert-parallel placeholder id
+        gate_up = self.gate_up.dequantized_experts(hit, dtype)
+        down = self.down.dequantized_experts(hit, dtype)
+        for e, w13, w2 in zip(hit, gate_up, down, strict=True):
             slot, tok = torch.where(mask[e])
-            gate, up = F.linear(hidden_states[tok], gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, down[e]) * top_k_weights[tok, slot, None]
+            gate, up = F.linear(hidden_states[tok], w13).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, w2) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
