@@ -366,3 +366,51 @@ def test_captured_decode_graphs_replay_the_eager_step(checkpoint):
     assert replayed.shape == eager.shape == (3, model.config.vocab_size)
     assert (replayed - eager).abs().max() <= 2e-2 * eager.abs().max()
     assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
+
+
+def test_exq_serve_command_drains_open_requests_on_sigterm(checkpoint):
+    """The real command (engine on the main thread, uvicorn on a second one): SIGTERM lets the open request finish,
+    then the process exits cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "exq", "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "exq serve did not start"
+            time.sleep(0.2)
+        result = {}
+        body = {"model": "demo-q", "prompt": "It is", "max_tokens": 150, "ignore_eos": True, "temperature": 0}
+        t = threading.Thread(
+            target=lambda: result.update(r=httpx.post(url + "/v1/completions", json=body, timeout=120))
+        )
+        t.start()
+        while httpx.get(url + "/health", timeout=5).json()["running"] == 0:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 150
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert "exq: serving demo-q" in out and "Application shutdown complete" in out

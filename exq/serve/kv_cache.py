@@ -26,8 +26,16 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         slots, length = self.owner.slots, self.owner.max_len
-        self.keys = key_states.new_zeros(slots, key_states.shape[1], length, key_states.shape[3])
-        self.values = value_states.new_zeros(slots, value_states.shape[1], length, value_states.shape[3])
+        try:
+            self.keys = key_states.new_zeros(slots, key_states.shape[1], length, key_states.shape[3])
+            self.values = value_states.new_zeros(slots, value_states.shape[1], length, value_states.shape[3])
+        except torch.OutOfMemoryError as e:
+            per_layer = slots * length * (key_states[0, :, 0].numel() + value_states[0, :, 0].numel())
+            raise ExqError(
+                f"the KV cache ({slots} slots x {length} tokens, {per_layer * key_states.element_size() / 2**20:.0f}"
+                f" MiB per layer) does not fit on {key_states.device}",
+                "lower --max-batch or --max-model-len",
+            ) from e
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
