@@ -86,6 +86,8 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         ({"int8": 0.5, "int4-asym": 0.5}, torch.bfloat16, 2, None),
         (ALL, torch.float16, 40, GemmConfig(64, 64, 128, 4, 2)),  # row blocks of 64: nibbles re-interleaved
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2)),
+        # int4 A read as int32 words and int8 codes decoded by exponent bits, bf16 activations, an expert over 16 rows
+        ({"int8": 0.5, "int4": 0.5}, torch.bfloat16, 17, GemmConfig(16, 128, 128, 4, 3)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
         (ALL, torch.float16, 2, (GemvConfig(64, 2, 4, 2), GemvConfig(64, 1, 4, 2))),  # K steps of 2 groups
         (ALL, torch.bfloat16, 3, (GemvConfig(32, 1, 4, 2, split_k=2), GemvConfig(32, 1, 4, 2))),  # split gate_up

@@ -188,7 +188,7 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
     row["exq_default_us"] = ours(None)
     best = (row["exq_default_us"], None)
     candidates = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], t * k, e)]
-    if t * k <= 4 * e:  # the GEMV path, while experts see a few tokens each
+    if t * k <= 4 * e and plan == "int4":  # the GEMV path (int4 only: for bf16 / int8 experts it is far slower)
         candidates += [
             GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0
         ]

@@ -86,8 +86,10 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # measured on H100 (docs/perf-notes.md, v6): GEMV wins for int4 layers up to ~E pairs and loses badly for bf16
     if pairs <= num_experts and block.present <= {"int4", "int4-asym"} and block.in_features % 128 == 0:
         return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
-    if per_expert <= 4:
+    if per_expert <= 1:
         return GemmConfig(16, 64, 128, 4, 4)
+    if per_expert <= 8:  # measured (v7): 16-row blocks with 64 + 64 gate/up columns beat 32-row blocks up to T = 64
+        return GemmConfig(16, 128, 128, 4, 3)
     if per_expert <= 32:
         return GemmConfig(32, 64, 128, 4, 3)
     return GemmConfig(64, 128, 64, 8, 3)
@@ -100,6 +102,8 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
     n_out = block.out_features // 2 if gated else block.out_features
     if block.in_features % cfg.block_k or cfg.block_k > 128 or 128 % cfg.block_k:
         raise ExqError(f"block_k {cfg.block_k} must divide 128 and in_features {block.in_features}")
+    if a.stride(0) != block.in_features:  # the int4 tile reads A rows as int32 words at stride K / 2
+        raise ExqError(f"activations must be contiguous rows of {block.in_features}, got stride {a.stride(0)}")
     dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[a.dtype]
     if interpreting() and dt == tl.bfloat16:
         dt = tl.float32  # bf16 tl.dot is wrong in the interpreter; fp32 is exact there (fp16 is fine)
@@ -107,7 +111,7 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
     grid = (disp.num_blocks, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n))
     magic = {tl.bfloat16: (0x4300, 128), tl.float16: (0x6400, 1024)}.get(dt, (0, 0))
     moe_gemm_kernel[grid](
-        a, c, topk_weights, disp.sorted_pairs, disp.block_expert, block.fmt, block.slot,
+        a, a.view(torch.int32), c, topk_weights, disp.sorted_pairs, disp.block_expert, block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
         pairs, block.num_experts, a.stride(0), c.stride(0),
         N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
