@@ -1,7 +1,7 @@
 """Turn `exq bench kernels` results into a tuned kernel table (exq/kernels/tuned/NAME.json).
 
     python benchmarks/kernel_table.py docs/bench/kernels_h100_{olmoe_qwen3,decode_v3,dsv2lite_mixtral,splitk_v5}.json \
-        docs/bench/kernels_h100_decode_v6{,_dsv2_mixtral}.json docs/bench/kernels_h100_gemm_v7.json \
+        docs/bench/kernels_h100_decode_v6{,_dsv2_mixtral}.json docs/bench/kernels_h100_{gemm_v7,decode_v8}.json \
         --output exq/kernels/tuned/h100.json
 
 Every (shape, plan, tokens) cell whose best configuration is known (the default rule's winning cells take the

@@ -137,6 +137,74 @@ def test_gemv_single_int4_format(fmt, dtype, config):
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "dtype,tokens,config",
+    [
+        (torch.bfloat16, 5, GemvConfig(32, 1, 4, 2)),
+        (torch.float16, 3, GemvConfig(64, 1, 4, 2, split_k=2)),  # 3 x 2 partials per tile: a masked power of two
+        (torch.bfloat16, 1, (GemmConfig(16, 64, 128, 4, 2), GemvConfig(32, 1, 4, 2))),  # counters zeroed by torch
+    ],
+)
+def test_gemv_down_sums_top_k_in_its_last_program(dtype, tokens, config):
+    """The down GEMV's last program per (token, column tile) sums the weighted top-k partials: the same bits on a
+    second call (the gate_up launch re-zeroes the counters), a zero row for a token whose experts all live on
+    other ranks, dropped slots adding nothing."""
+    experts, hidden, inter, k = 8, 256, 256, 3
+    fmts = mixed_formats(experts, {"int4": 0.5, "int4-asym": 0.5}, seed=tokens)
+    mod = random_experts(experts, hidden, inter, fmts, device=DEVICE, seed=6)
+    x, w, ids = routing(tokens, experts, k, 20 + tokens, hidden, dtype)
+    out = fused_moe(x, w, ids, mod, config=config)
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+    assert torch.equal(fused_moe(x, w, ids, mod, config=config), out)
+    foreign = ids.clone()
+    foreign[0] = -1  # token 0: no local expert
+    foreign[-1, 1:] = experts  # the last token keeps one local expert
+    out = fused_moe(x, w, foreign, mod, config=config, expert_parallel=True)
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    if tokens > 1:
+        kept = ((foreign >= 0) & (foreign < experts)).to(w.dtype)
+        assert rel_err(out, reference(x, w * kept, ids, mod)) < 1e-2
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_path_needs_no_fresh_memory_and_replays_in_a_cuda_graph(monkeypatch, split):
+    """Every buffer the op allocates with torch.empty starts as garbage (what a replayed CUDA graph or a reused
+    allocation leaves): the in-kernel counters must be reset and every workspace written before it is read. On a
+    GPU the op is also captured once and replayed on new activations and routing."""
+    experts, hidden, inter, k = 16, 512, 256, 4
+    mod = random_experts(experts, hidden, inter, ["int4"] * experts, device=DEVICE, seed=8)
+    cfg = GemvConfig(32, 1, 4, 2, split)
+    x, w, ids = routing(2, experts, k, 30, hidden, torch.bfloat16)
+    want = reference(x, w, ids, mod)
+    real_empty = torch.empty
+
+    def dirty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(7)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", dirty)
+        for _ in range(2):
+            assert rel_err(fused_moe(x, w, ids, mod, config=cfg), want) < 1e-2
+    if DEVICE != "cuda":
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused_moe(x, w, ids, mod, config=cfg)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w, ids, mod, config=cfg)
+    for seed in (31, 32, 33):
+        x2, w2, ids2 = routing(2, experts, k, seed, hidden, torch.bfloat16)
+        x.copy_(x2), w.copy_(w2), ids.copy_(ids2)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(x2, w2, ids2, mod)) < 1e-2
+
+
 def test_expert_parallel_ids_contribute_nothing():
     experts, hidden, inter = 8, 128, 128
     mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL), device=DEVICE, seed=2)

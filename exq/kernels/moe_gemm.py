@@ -11,7 +11,8 @@ multiplies the fp32 partial sum once per group, not every weight. For int4, the 
 the even and odd input columns: two dots on [BLOCK_K / 2] slices, no nibble interleaving in registers.
 
 gate_up (GATED) computes the gate and the up rows of the same columns and writes silu(gate) * up; down multiplies by
-the routing weight. The reduction over top-k is one `sum` over the [T, k, H] result.
+the routing weight. The reduction over top-k is one `sum` over the [T, k, H] result on the tensor-core path; the
+GEMV path's down launch does it in its last program per output tile (`moe_gemv_kernel`).
 """
 
 from __future__ import annotations
@@ -291,28 +292,38 @@ def _int4_math(b, scale, z, a_even, a_odd):
 
 @triton.jit
 def moe_gemv_kernel(
-    a_ptr, a32_ptr, c_ptr, ws_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
+    a_ptr, a32_ptr, c_ptr, ws_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
     w16, w8, s8, w4, s4, wa, sa, za,
     E, P,
     N: tl.constexpr, K: tl.constexpr, A_BF16: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+    TOP_K: tl.constexpr, KSP: tl.constexpr, ZERO_NT: tl.constexpr, ZERO_NTP: tl.constexpr,
 ):  # fmt: skip
     """Decode path: one program per (pair, column tile, K split), no dispatch; the pair's expert comes from topk_ids.
 
     Pairs that share an expert each read its weights (from L2 when they run together), which is cheaper than sorting
     while experts see about one token each. SPLIT > 1 cuts K so that a few active experts still put enough loads in
-    flight on every SM; partial sums go to an fp32 workspace [SPLIT, P, N] that `gemv_reduce_kernel` finishes."""
+    flight on every SM.
+
+    GATED (gate_up): SPLIT > 1 writes fp32 partials [SPLIT, P, N] that `gemv_reduce_kernel` finishes; ZERO_NT > 0
+    also zeroes the down launch's ZERO_NT counters per token (this launch always runs just before it, so the op
+    needs no memset).
+    Down: every program writes its weighted fp32 partial [SPLIT, P, N], then counts itself in its (token, column
+    tile) counter; the last of the TOP_K x SPLIT programs of that tile sums their partials in a fixed order and
+    writes C [T, N]: the top-k sum and the split reduction without another launch, deterministic, and nothing ever
+    waits on another program (no residency assumption). Dropped ids (other ranks' experts) count with a zero
+    partial, so a token with no local expert gets a zero row."""
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if ZERO_NT > 0:
+        if (pid_n == 0) & (pid_s == 0) & (p % A_DIV == 0):
+            z = tl.arange(0, ZERO_NTP)
+            tl.store(cnt_ptr + (p // A_DIV) * ZERO_NT + z, tl.zeros((ZERO_NTP,), tl.int32), mask=z < ZERO_NT)
     e = tl.load(ids_ptr + p)
-    if (e < 0) | (e >= E):
-        return
-    fmt = tl.load(fmt_ptr + e)
-    slot = tl.load(slot_ptr + e).to(tl.int64)
-    a_row = (p // A_DIV).to(tl.int64)
+    valid = (e >= 0) & (e < E)
     jn = tl.arange(0, BN)
     if GATED:
         cols = pid_n * (BN // 2) + (jn % (BN // 2))
@@ -322,55 +333,50 @@ def moe_gemv_kernel(
         cols = pid_n * BN + jn
         ok = cols < N
         rows = tl.where(ok, cols, 0)
-    kb_lo = pid_s * (K // 2 // SPLIT)
-    acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo,
-                     kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
-                     BN, GPS)  # fmt: skip
-    if SPLIT > 1:
-        tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + rows, acc, mask=ok)
-        return
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    if valid:
+        fmt = tl.load(fmt_ptr + e)
+        slot = tl.load(slot_ptr + e).to(tl.int64)
+        a_row = (p // A_DIV).to(tl.int64)
+        kb_lo = pid_s * (K // 2 // SPLIT)
+        acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo,
+                         kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
+                         BN, GPS)  # fmt: skip
     if GATED:
-        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
-        out = gate * tl.sigmoid(gate) * up
-        n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-        nmask = n < N // 2
+        if SPLIT > 1:
+            tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + rows, acc, mask=ok & valid)
+        else:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
+            n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+            out = gate * tl.sigmoid(gate) * up
+            tl.store(c_ptr + p.to(tl.int64) * (N // 2) + n, out.to(c_ptr.dtype.element_ty), mask=(n < N // 2) & valid)
     else:
-        out = acc
-        n = cols
-        nmask = ok
-    if MUL_W:
-        out = out * tl.load(topk_w_ptr + p).to(tl.float32)
-    tl.store(c_ptr + p.to(tl.int64) * (N // 2 if GATED else N) + n, out.to(c_ptr.dtype.element_ty), mask=nmask)
+        if MUL_W:
+            acc = tl.where(valid, acc * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
+        tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + cols, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        t = p // TOP_K
+        done = tl.atomic_add(cnt_ptr + t * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == TOP_K * SPLIT - 1:
+            r = tl.arange(0, KSP)  # KSP: TOP_K x SPLIT rounded up to a power of two
+            src = ((r // TOP_K) * P + t * TOP_K + r % TOP_K).to(tl.int64) * N
+            part = tl.load(ws_ptr + src[:, None] + cols[None, :], mask=(r < TOP_K * SPLIT)[:, None] & ok[None, :],
+                           other=0.0, cache_modifier=".cg")  # fmt: skip
+            tl.store(c_ptr + t.to(tl.int64) * N + cols, tl.sum(part, axis=0).to(c_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def gemv_reduce_kernel(
-    ws_ptr, c_ptr, topk_w_ptr, ids_ptr, E, P,
-    N: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
-):  # fmt: skip
-    """Finish a split GEMV. GATED: C[p] = silu(gate) * up from the partial sums of pair p.
-    Else (down): C[t] = sum_j w[t, j] * partials of pair t * TOP_K + j, the top-k reduction included."""
+def gemv_reduce_kernel(ws_ptr, c_ptr, P, N: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+    """Finish a split gate_up GEMV: C[p] = silu(gate) * up from the SPLIT partial sums of pair p (the down
+    projection finishes inside `moe_gemv_kernel`)."""
     row = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    if GATED:
-        nmask = n < N // 2
-        gate = tl.zeros((BN,), dtype=tl.float32)
-        up = tl.zeros((BN,), dtype=tl.float32)
-        for s in range(SPLIT):
-            base = ws_ptr + (s * P + row).to(tl.int64) * N
-            gate += tl.load(base + n, mask=nmask, other=0.0)
-            up += tl.load(base + N // 2 + n, mask=nmask, other=0.0)
-        tl.store(c_ptr + row.to(tl.int64) * (N // 2) + n, (gate * tl.sigmoid(gate) * up).to(c_ptr.dtype.element_ty),
-                 mask=nmask)  # fmt: skip
-    else:
-        nmask = n < N
-        out = tl.zeros((BN,), dtype=tl.float32)
-        for j in range(TOP_K):
-            p = row * TOP_K + j
-            e = tl.load(ids_ptr + p)
-            if (e >= 0) & (e < E):
-                part = tl.zeros((BN,), dtype=tl.float32)
-                for s in range(SPLIT):
-                    part += tl.load(ws_ptr + (s * P + p).to(tl.int64) * N + n, mask=nmask, other=0.0)
-                out += part * tl.load(topk_w_ptr + p).to(tl.float32)
-        tl.store(c_ptr + row.to(tl.int64) * N + n, out.to(c_ptr.dtype.element_ty), mask=nmask)
+    nmask = n < N // 2
+    gate = tl.zeros((BN,), dtype=tl.float32)
+    up = tl.zeros((BN,), dtype=tl.float32)
+    for s in range(SPLIT):
+        base = ws_ptr + (s * P + row).to(tl.int64) * N
+        gate += tl.load(base + n, mask=nmask, other=0.0)
+        up += tl.load(base + N // 2 + n, mask=nmask, other=0.0)
+    tl.store(c_ptr + row.to(tl.int64) * (N // 2) + n, (gate * tl.sigmoid(gate) * up).to(c_ptr.dtype.element_ty),
+             mask=nmask)  # fmt: skip

@@ -1,7 +1,8 @@
 """`fused_moe`: one op for a whole MoE layer whose experts are each bf16, int8, int4 or int4-asym.
 
-Three launches, no host sync, CUDA-graph capturable: dispatch (pairs sorted by expert), gate_up GEMM with
-silu(gate) * up in its epilogue, down GEMM scaled by the routing weights; then a sum over top-k.
+No host sync, CUDA-graph capturable. Tensor-core path: dispatch (pairs sorted by expert), gate_up GEMM with
+silu(gate) * up in its epilogue, down GEMM scaled by the routing weights, then a sum over top-k (four launches).
+Decode (GEMV) path: gate_up GEMV, then a down GEMV whose last program per output tile sums over top-k (two).
 """
 
 from __future__ import annotations
@@ -123,8 +124,12 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
     )  # fmt: skip
 
 
-def _gemv(a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w, cfg: GemvConfig) -> None:
-    """Decode path. With split_k > 1 the down projection writes the final [T, H] output (top-k sum included)."""
+def _gemv(
+    a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w, cfg: GemvConfig, counters, zero_nt=0
+) -> None:
+    """Decode path. gate_up (gated): c is [P, I]; zero_nt > 0 also zeroes `counters` (zero_nt per token) for the
+    down launch that follows. Down: c is the final [T, H] output, the top-k sum and any split-K reduction done by
+    the last program of each (token, column tile), counted in `counters` (zeroed beforehand)."""
     import triton
 
     step, split = 128 * cfg.groups_per_step, cfg.split_k
@@ -134,26 +139,26 @@ def _gemv(a, c, topk_weights, topk_ids, block: KernelBlock, a_div, gated, mul_w,
             f"({step * split})"
         )
     pairs = topk_ids.numel()
+    top_k = topk_ids.shape[-1]
     n_out = block.out_features // 2 if gated else block.out_features
-    ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device) if split > 1 else c
+    ws = c
+    if split > 1 or not gated:
+        ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device)
     t = block.tensors
     grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
     moe_gemv_kernel[grid](
-        a, a.view(torch.int32), c, ws, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
+        a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
         block.num_experts, pairs,
         N=block.out_features, K=block.in_features, A_BF16=a.dtype == torch.bfloat16, A_DIV=a_div, GATED=gated,
         MUL_W=mul_w, HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
-        BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, TOP_K=top_k, KSP=triton.next_power_of_2(top_k * split),
+        ZERO_NT=zero_nt, ZERO_NTP=triton.next_power_of_2(max(zero_nt, 1)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split > 1:
-        top_k = topk_ids.shape[-1] if not gated else 1
-        rows = pairs if gated else pairs // top_k
-        gemv_reduce_kernel[(rows, triton.cdiv(n_out, 256))](
-            ws, c, topk_weights, topk_ids.reshape(-1), block.num_experts, pairs,
-            N=block.out_features, TOP_K=top_k, GATED=gated, SPLIT=split, BN=256,
-        )  # fmt: skip
+    if gated and split > 1:
+        gemv_reduce_kernel[(pairs, triton.cdiv(n_out, 256))](ws, c, pairs, N=block.out_features, SPLIT=split, BN=256)
 
 
 def fused_moe(
@@ -192,25 +197,35 @@ def fused_moe(
     hidden = hidden.contiguous()
     topk_weights = topk_weights.reshape(-1).contiguous()
     dispatched: dict[int, object] = {}
-
-    def run(a, c, block, a_div, gated, mul_w, cfg):
-        if isinstance(cfg, GemvConfig):
-            return _gemv(a, c, topk_weights, topk_ids, block, a_div, gated, mul_w, cfg)
-        if cfg.block_m not in dispatched:
-            dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
-        return _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg)
-
     inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
-    run(hidden, inter, gu, k, True, False, cfg1)
-    if isinstance(cfg2, GemvConfig) and cfg2.split_k > 1:  # its reduce kernel sums over top-k itself
+    if isinstance(cfg2, GemvConfig):
+        # down finishes the top-k sum itself (last program per token and column tile): two launches at decode
+        nt = -(-h // cfg2.block_n)
+        zero_nt = nt if isinstance(cfg1, GemvConfig) else 0  # the gate_up GEMV zeroes the counters
+        counters = (torch.empty if zero_nt else torch.zeros)(t * nt, dtype=torch.int32, device=hidden.device)
+        if zero_nt:
+            _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters, zero_nt)
+        else:
+            _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
         final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
-        _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2)
+        _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2, counters)
         return final
+    if isinstance(cfg1, GemvConfig):
+        _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
+    else:
+        _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
     # pairs routed outside [0, E) (expert parallelism) are computed by no program: their rows must read as zero
     alloc = torch.zeros if expert_parallel else torch.empty
     out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
-    run(inter, out, dn, 1, False, True, cfg2)
+    _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
     return out.view(t, k, h).sum(dim=1)
+
+
+def _run_gemm(a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched) -> None:
+    """The tensor-core path; one dispatch per row-block size, shared by both projections."""
+    if cfg.block_m not in dispatched:
+        dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
+    _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg)
 
 
 def kernel_blocks(experts) -> tuple[KernelBlock, KernelBlock]:
