@@ -383,6 +383,7 @@ def test_exq_serve_command_drains_open_requests_on_sigterm(checkpoint):
         port = s.getsockname()[1]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "exq", "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu"]
+    cmd += ["--threads", "1"]  # one torch thread: no OpenMP team to stall when the test machine is busy
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -396,16 +397,22 @@ def test_exq_serve_command_drains_open_requests_on_sigterm(checkpoint):
             assert proc.poll() is None and time.monotonic() < deadline, "exq serve did not start"
             time.sleep(0.2)
         result = {}
-        body = {"model": "demo-q", "prompt": "It is", "max_tokens": 150, "ignore_eos": True, "temperature": 0}
-        t = threading.Thread(
-            target=lambda: result.update(r=httpx.post(url + "/v1/completions", json=body, timeout=120))
-        )
+        body = {"model": "demo-q", "prompt": "It is", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+
+        def ask() -> None:
+            result["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            result["done"] = time.monotonic()
+
+        t = threading.Thread(target=ask)
         t.start()
         while httpx.get(url + "/health", timeout=5).json()["running"] == 0:
             time.sleep(0.02)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         t.join(120)
-        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 150
+        assert result["done"] > signalled  # the request was still open when the signal came
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["usage"]["completion_tokens"] == 40
         assert proc.wait(60) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/health", timeout=2)
