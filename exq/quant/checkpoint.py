@@ -163,6 +163,27 @@ def write_checkpoint(
     return out_dir
 
 
+def check_quantization_config(qc, where: str) -> None:
+    """An exq quantization_config of the version and formats this exq reads (shared with the engine plugins)."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != "exq":
+        raise ExqError(
+            f"{where} is not an exq checkpoint (no quantization_config with quant_method 'exq')",
+            "load plain checkpoints with transformers, or quantize this one with `exq quantize`",
+        )
+    version = qc.get("checkpoint_version")
+    if version != CHECKPOINT_VERSION:
+        raise ExqError(
+            f"{where} is an exq checkpoint of version {version}; this exq reads version {CHECKPOINT_VERSION}",
+            "upgrade exq" if isinstance(version, int) and version > CHECKPOINT_VERSION else "re-quantize it",
+        )
+    unknown = [f for f in qc.get("formats", {}) if f not in FORMATS]
+    if unknown:
+        raise ExqError(f"checkpoint {where} uses unknown format(s) {', '.join(unknown)}", "upgrade exq")
+    for name, spec in qc.get("formats", {}).items():
+        if spec != FORMATS[name].definition():
+            raise ExqError(f"checkpoint {where} defines {name} differently from this exq", "re-quantize it")
+
+
 def read_quantization_config(path: Path) -> tuple[dict, dict]:
     """(config dict, quantization_config) of an exq checkpoint folder, checked."""
     if not path.is_dir():
@@ -177,26 +198,10 @@ def read_quantization_config(path: Path) -> tuple[dict, dict]:
             f"cannot read {cfg_path}: {e}", "the checkpoint is corrupt; re-create it with `exq quantize`"
         ) from e
     qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "exq":
-        raise ExqError(
-            f"{path} is not an exq checkpoint (no quantization_config with quant_method 'exq')",
-            "load plain checkpoints with transformers, or quantize this one with `exq quantize`",
-        )
-    version = qc.get("checkpoint_version")
-    if version != CHECKPOINT_VERSION:
-        raise ExqError(
-            f"{path} is an exq checkpoint of version {version}; this exq reads version {CHECKPOINT_VERSION}",
-            "upgrade exq" if isinstance(version, int) and version > CHECKPOINT_VERSION else "re-quantize it",
-        )
+    check_quantization_config(qc, str(path))
     missing = [f for f in (QUANTIZED_FILE, BASE_FILE, PLAN_FILE) if not (path / f).is_file()]
     if missing:
         raise ExqError(f"checkpoint {path} is missing {', '.join(missing)}", "re-create it with `exq quantize`")
-    unknown = [f for f in qc.get("formats", {}) if f not in FORMATS]
-    if unknown:
-        raise ExqError(f"checkpoint {path} uses unknown format(s) {', '.join(unknown)}", "upgrade exq")
-    for name, spec in qc.get("formats", {}).items():
-        if spec != FORMATS[name].definition():
-            raise ExqError(f"checkpoint {path} defines {name} differently from this exq", "re-quantize it")
     if sha256_file(path / PLAN_FILE) != qc.get("plan_sha256"):
         raise ExqError(f"{path / PLAN_FILE} does not match the checkpoint's config (hash mismatch)", "re-quantize it")
     return config, qc

@@ -147,16 +147,7 @@ class QuantizedExperts(nn.Module):
         return True
 
     def kernel_config(self, tokens: int, device: torch.device):
-        """Pass D's choice for this GPU and batch size: the entry of the smallest planned batch >= tokens."""
-        from exq.kernels.tuning import config_from_dict
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        entry = self.kernel_plan.get(name) if name else None
-        if not entry:
-            return None
-        sizes = sorted(int(t) for t in entry["configs"])
-        pick = next((t for t in sizes if t >= tokens), sizes[-1])
-        return config_from_dict(entry["configs"][str(pick)])
+        return planned_config(self.kernel_plan, tokens, device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self._use_kernel(hidden_states):
@@ -183,6 +174,20 @@ class QuantizedExperts(nn.Module):
             y = F.linear(self.act_fn(gate) * up, w2) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+
+def planned_config(plan: dict, tokens: int, device: torch.device):
+    """Pass D's choice for this GPU and batch size: the entry of the smallest planned batch >= tokens (None: the
+    op's default rule)."""
+    from exq.kernels.tuning import config_from_dict
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    entry = plan.get(name) if name else None
+    if not entry:
+        return None
+    sizes = sorted(int(t) for t in entry["configs"])
+    pick = next((t for t in sizes if t >= tokens), sizes[-1])
+    return config_from_dict(entry["configs"][str(pick)])
 
 
 class QuantizedLinear(nn.Module):
