@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import DEMO_MODEL
 
-sglang = pytest.importorskip("sglang")
+# Run by scripts/test_engines.sh in its own venv (SGLang installed); the main suite deselects them (-m "not engines").
+pytestmark = pytest.mark.engines
 
 PREFIX = "model.layers.1.mlp.experts"
 
@@ -205,6 +206,23 @@ def test_bad_checkpoints_are_refused_with_a_reason(checkpoint):
         ExqConfig(qc | {"checkpoint_version": 999})
     with pytest.raises(ExqError, match="no experts module"):
         ExqConfig(qc).spec_for("model.layers.99.mlp.experts")
+    import sglang
+
     with pytest.raises(ExqError, match="not supported"):
         check_version("0.4.9")
     check_version(sglang.__version__)
+
+
+def test_exq_serve_engine_sglang_builds_a_command_sglang_accepts(checkpoint):
+    """`exq serve --engine sglang` hands over to SGLang's launcher with arguments SGLang's own parser takes."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    from exq.serve.engines import check_engine, command
+
+    check_engine("sglang")
+    argv = command("sglang", checkpoint, "127.0.0.1", 30000, ["--tp-size", "1"])
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    load_plugins()
+    args = prepare_server_args([*argv[3:], "--device", "cpu"])
+    assert (args.quantization, args.port, args.host, args.model_path) == ("exq", 30000, "127.0.0.1", str(checkpoint))

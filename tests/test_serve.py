@@ -421,3 +421,15 @@ def test_exq_serve_command_drains_open_requests_on_sigterm(checkpoint):
             proc.kill()
         out = proc.communicate()[0]
     assert "exq: serving demo-q" in out and "Application shutdown complete" in out
+
+
+def test_serve_with_another_engine_says_what_is_missing(capsys):
+    import importlib.util
+
+    from exq.cli import main
+
+    assert main(["serve", "--model", str(DEMO_MODEL), "--engine", "vllm"]) == 2
+    assert "vLLM plugin is not available" in capsys.readouterr().err
+    if importlib.util.find_spec("sglang") is None:  # the main test venv; the engine venv runs the plugin tests
+        assert main(["serve", "--model", str(DEMO_MODEL), "--engine", "sglang"]) == 2
+        assert "pip install 'sglang" in capsys.readouterr().err

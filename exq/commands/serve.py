@@ -28,6 +28,14 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--corpus", nargs="+", metavar="FILE", help="calibration text for --budget (default: the demo's)")
     p.add_argument("--formats", help="--budget's candidate formats (default: all; on a GPU those with kernels)")
     p.add_argument("--work-dir", help="where --budget's stage files and checkpoint go (default runs/serve/NAME)")
+    p.add_argument(
+        "--engine",
+        choices=["exq", "sglang", "vllm"],
+        default="exq",
+        help="exq's embedded server (default), or SGLang's OpenAI server with exq's plugin (arguments after -- go "
+        "to it)",
+    )
+    p.add_argument("engine_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=30000)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1...")
@@ -42,8 +50,13 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
 
     def run(a: argparse.Namespace) -> int:
         from exq.serve import prepare, serve
+        from exq.serve.engines import check_engine, launch
 
+        if a.engine != "exq":
+            check_engine(a.engine)  # before any quantization work
         ckpt = prepare(a.model, a.budget, a.corpus, a.work_dir, formats=a.formats, device=a.device)
+        if a.engine != "exq":
+            return launch(a.engine, ckpt, a.host, a.port, [x for x in a.engine_args if x != "--"])
         serve(
             ckpt,
             host=a.host,
