@@ -343,13 +343,14 @@ def moe_gemv_kernel(
                          kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
                          BN, GPS)  # fmt: skip
     if GATED:
-        if SPLIT > 1:
-            tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + rows, acc, mask=ok & valid)
-        else:
-            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
-            n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-            out = gate * tl.sigmoid(gate) * up
-            tl.store(c_ptr + p.to(tl.int64) * (N // 2) + n, out.to(c_ptr.dtype.element_ty), mask=(n < N // 2) & valid)
+        if valid:  # a program-uniform branch, not a scalar folded into the mask (newer interpreters reject that)
+            if SPLIT > 1:
+                tl.store(ws_ptr + (pid_s * P + p).to(tl.int64) * N + rows, acc, mask=ok)
+            else:
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN // 2)), (1, 0)))
+                n = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+                out = gate * tl.sigmoid(gate) * up
+                tl.store(c_ptr + p.to(tl.int64) * (N // 2) + n, out.to(c_ptr.dtype.element_ty), mask=n < N // 2)
     else:
         if MUL_W:
             acc = tl.where(valid, acc * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
