@@ -32,8 +32,8 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
         "--engine",
         choices=["exq", "sglang", "vllm"],
         default="exq",
-        help="exq's embedded server (default), or SGLang's OpenAI server with exq's plugin (arguments after -- go "
-        "to it)",
+        help="exq's embedded server (default), or SGLang's / vLLM's OpenAI server with exq's plugin (arguments "
+        "after -- go to the engine)",
     )
     p.add_argument("engine_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")

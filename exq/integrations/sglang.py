@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = ((0, 5, 20), (0, 6, 0))  # [low, high): the seams used here, checked against 0.5.23
 
 
-def _version(text: str) -> tuple[int, ...]:
+def parse_version(text: str) -> tuple[int, ...]:
     parts = []
     for p in text.split("."):
         digits = "".join(c for c in p if c.isdigit())
@@ -28,7 +28,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 def check_version(version: str) -> None:
     low, high = SUPPORTED
-    if not low <= _version(version) < high:
+    if not low <= parse_version(version) < high:
         raise ExqError(
             f"SGLang {version} is not supported by exq's plugin",
             f"use SGLang >= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}",
