@@ -117,6 +117,16 @@ def test_moe_layer_loads_through_vllms_loader_and_matches_exq(checkpoint, vllm_c
     out = experts.quant_method.apply(experts, x, w, ids, None, None)
     ref = _reference(checkpoint, x, ids, w)
     assert out.shape == ref.shape and (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    # the whole layer as a model calls it: vLLM's router (softmax, top-4, renormalised) then exq's method
+    from vllm.config import get_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    logits = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
+    w2, ids2 = torch.topk(logits.softmax(-1), 4)
+    with set_forward_context(None, get_current_vllm_config()):
+        out2 = runner(x, logits)
+    ref2 = _reference(checkpoint, x, ids2, w2 / w2.sum(-1, keepdim=True))
+    assert (out2.float() - ref2).abs().max() <= 2e-2 * ref2.abs().max()
 
 
 def test_expert_parallel_ranks_map_global_ids_and_sum_to_the_layer(checkpoint, vllm_context):
