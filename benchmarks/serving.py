@@ -29,8 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exq.errors import ExqError
 from exq.fileio import atomic_write_bytes, atomic_write_json
 from exq.models import load_tokenizer
+from exq.serve.background import wait_healthy
+
+
+def p90(values: list[float]) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, 90))
 
 
 def prompts_from(corpus: Path, tokenizer, n: int, length: int) -> list[list[int]]:
@@ -84,7 +92,7 @@ def bench_server(url: str, model: str, prompts: list[list[int]], conc: int, max_
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_median_s": statistics.median(t for t, _, _ in out),
-        "ttft_p90_s": sorted(t for t, _, _ in out)[int(0.9 * (len(out) - 1))],
+        "ttft_p90_s": p90([t for t, _, _ in out]),
     }
 
 
@@ -132,7 +140,7 @@ def bench_generate(model, prompts: list[list[int]], conc: int, max_tokens: int, 
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_median_s": statistics.median(ttfts),
-        "ttft_p90_s": sorted(ttfts)[int(0.9 * (len(ttfts) - 1))],
+        "ttft_p90_s": p90(ttfts),
     }
 
 
@@ -224,16 +232,10 @@ def main() -> int:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("exq serve did not start:\n" + (server.stdout.read() if server.stdout else ""))
-            time.sleep(0.5)
+        try:
+            wait_healthy(url, 300, alive=lambda: server.poll() is None)
+        except ExqError as e:
+            raise SystemExit(f"{e}:\n" + (server.stdout.read() if server.stdout else "")) from e
         card = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
         res = {
             "checkpoint": a.label or name,

@@ -62,3 +62,26 @@ def demo_profile():
 
     files = [DEMO_CORPUS / "austen.valid.txt.gz", DEMO_CORPUS / "kjv.valid.txt.gz"]
     return profile(DEMO_MODEL, files, 4000, seq_len=256, batch_size=4, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory, demo_profile):
+    """budget -> an exq checkpoint (folder `demo-q`) of the demo model at that budget, in the formats the fused kernels
+    run, RTN-quantized (quick): what the serving and engine tests load."""
+    made: dict[str, Path] = {}
+
+    def make(budget: str) -> Path:
+        if budget not in made:
+            from exq.compiler import compile_plan
+            from exq.models import load_model
+            from exq.quant.apply import quantize_experts
+            from exq.quant.checkpoint import write_checkpoint
+
+            art, _ = compile_plan(demo_profile, budget, granularity="block", formats="bf16,int8,int4,int4-asym")
+            model = load_model(DEMO_MODEL, device="cpu")
+            tensors = quantize_experts(model, art, None, "rtn", progress=False)
+            out = tmp_path_factory.mktemp("ckpt") / "demo-q"
+            made[budget] = write_checkpoint(model, art, tensors, out, DEMO_MODEL, "rtn")
+        return made[budget]
+
+    return make

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_MODEL
 
 # Run by scripts/test_engines.sh in its own venv (SGLang installed); the main suite deselects them (-m "not engines").
 pytestmark = pytest.mark.engines
@@ -22,18 +21,8 @@ PREFIX = "model.layers.1.mlp.experts"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, demo_profile) -> Path:
-    from exq.compiler import compile_plan
-    from exq.models import load_model
-    from exq.quant.apply import quantize_experts
-    from exq.quant.checkpoint import write_checkpoint
-
-    art, _ = compile_plan(demo_profile, "6bpw", granularity="block", formats="bf16,int8,int4,int4-asym")
-    used = {f for p in art.experts for b in p.values() for f in b}
-    assert len(used) >= 3  # several formats in the layers
-    model = load_model(DEMO_MODEL, device="cpu")
-    tensors = quantize_experts(model, art, None, "rtn", progress=False)
-    return write_checkpoint(model, art, tensors, tmp_path_factory.mktemp("sgl") / "demo-q", DEMO_MODEL, "rtn")
+def checkpoint(demo_checkpoint) -> Path:
+    return demo_checkpoint("6bpw")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +109,7 @@ def test_fused_moe_layer_loads_the_checkpoint_and_matches_exq(checkpoint, sgl_ru
     from exq.integrations.sglang_method import ExqMoEMethod
 
     cfg, _ = _quant_config(checkpoint)
+    assert len({f for b in ("gate_up", "down") for f, _, _ in cfg.spec_for(PREFIX)[b]["slabs"]}) >= 2  # mixed layer
     layer = _layer(checkpoint, cfg)
     assert isinstance(layer.quant_method, ExqMoEMethod)
     x, logits, w, ids = _routing(7, 16, 4, 0)

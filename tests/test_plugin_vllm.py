@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.engines  # run by scripts/test_engines.sh (vLLM installed); deselected in the main suite
 
@@ -22,16 +21,8 @@ PREFIX = "model.layers.1.mlp.experts"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, demo_profile) -> Path:
-    from exq.compiler import compile_plan
-    from exq.models import load_model
-    from exq.quant.apply import quantize_experts
-    from exq.quant.checkpoint import write_checkpoint
-
-    art, _ = compile_plan(demo_profile, "6bpw", granularity="block", formats="bf16,int8,int4,int4-asym")
-    model = load_model(DEMO_MODEL, device="cpu")
-    tensors = quantize_experts(model, art, None, "rtn", progress=False)
-    return write_checkpoint(model, art, tensors, tmp_path_factory.mktemp("vllm") / "demo-q", DEMO_MODEL, "rtn")
+def checkpoint(demo_checkpoint) -> Path:
+    return demo_checkpoint("6bpw")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from conftest import DEMO_CORPUS, DEMO_MODEL, DEVICE
 
 import exq
 from exq.serve import build
-from exq.serve.background import BackgroundServer
+from exq.serve.background import BackgroundServer, wait_healthy
 
 PROMPTS = [
     "It is a truth universally acknowledged",
@@ -34,16 +34,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, demo_profile) -> Path:
-    from exq.compiler import compile_plan
-    from exq.models import load_model
-    from exq.quant.apply import quantize_experts
-    from exq.quant.checkpoint import write_checkpoint
-
-    art, _ = compile_plan(demo_profile, "4.5bpw", granularity="block", formats="bf16,int8,int4,int4-asym")
-    model = load_model(DEMO_MODEL, device="cpu")
-    tensors = quantize_experts(model, art, None, "rtn", progress=False)
-    return write_checkpoint(model, art, tensors, tmp_path_factory.mktemp("serve") / "demo-q", DEMO_MODEL, "rtn")
+def checkpoint(demo_checkpoint) -> Path:
+    return demo_checkpoint("4.5bpw")
 
 
 @pytest.fixture(scope="module")
@@ -387,15 +379,7 @@ def test_exq_serve_command_drains_open_requests_on_sigterm(checkpoint):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "exq serve did not start"
-            time.sleep(0.2)
+        wait_healthy(url, 120, alive=lambda: proc.poll() is None)
         result = {}
         body = {"model": "demo-q", "prompt": "It is", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
 

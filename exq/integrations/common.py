@@ -32,6 +32,32 @@ def expert_specs(qc: dict) -> dict[str, dict]:
     return {e["module"]: e for e in qc["experts"]}
 
 
+class ExqConfigMixin:
+    """The methods SGLang's and vLLM's QuantizationConfig both ask for, the same for exq on either (listed first in
+    the engine config's bases)."""
+
+    def _read(self, qc: dict) -> None:
+        self.experts = expert_specs(qc)
+        self.qc = qc
+
+    def get_name(self) -> str:
+        return "exq"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the settings are the checkpoint's config.json quantization_config
+
+    def spec_for(self, prefix: str) -> dict:
+        return spec_for(self.experts, prefix)
+
+
 def spec_for(specs: dict[str, dict], prefix: str) -> dict:
     """The record for an engine module name (engines name MoE modules like transformers for the supported families;
     otherwise matched by layer index)."""

@@ -20,28 +20,13 @@ from sglang.srt.utils import set_weight_attrs
 from torch import nn
 
 from exq.errors import ExqError
-from exq.integrations.common import add_slabs, expert_specs, finish_loading, run_experts, spec_for
+from exq.integrations.common import ExqConfigMixin, add_slabs, finish_loading, run_experts
 
 
-class ExqConfig(QuantizationConfig):
+class ExqConfig(ExqConfigMixin, QuantizationConfig):
     def __init__(self, qc: dict) -> None:
         super().__init__()
-        self.experts = expert_specs(qc)
-        self.qc = qc
-
-    def get_name(self) -> str:
-        return "exq"
-
-    def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.bfloat16, torch.float16]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 80
-
-    @staticmethod
-    def get_config_filenames() -> list[str]:
-        return []
+        self._read(qc)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ExqConfig:
@@ -49,9 +34,6 @@ class ExqConfig(QuantizationConfig):
 
     def get_scaled_act_names(self) -> list[str]:
         return []
-
-    def spec_for(self, prefix: str) -> dict:
-        return spec_for(self.experts, prefix)
 
     def get_quant_method(self, layer: nn.Module, prefix: str):
         from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE

@@ -19,28 +19,13 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from exq.errors import ExqError
-from exq.integrations.common import SLAB_BLOCKS, add_slabs, expert_specs, finish_loading, run_experts, spec_for
+from exq.integrations.common import SLAB_BLOCKS, ExqConfigMixin, add_slabs, finish_loading, run_experts
 
 
-class ExqVllmConfig(QuantizationConfig):
+class ExqVllmConfig(ExqConfigMixin, QuantizationConfig):
     def __init__(self, qc: dict) -> None:
         super().__init__()
-        self.experts = expert_specs(qc)
-        self.qc = qc
-
-    def get_name(self) -> str:
-        return "exq"
-
-    def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.bfloat16, torch.float16]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 80
-
-    @staticmethod
-    def get_config_filenames() -> list[str]:
-        return []
+        self._read(qc)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ExqVllmConfig:
@@ -48,7 +33,7 @@ class ExqVllmConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: nn.Module, prefix: str):
         if isinstance(layer, RoutedExperts):  # it sits at <experts module>.routed_experts
-            return ExqVllmMoEMethod(layer.moe_config, spec_for(self.experts, prefix.removesuffix(".routed_experts")))
+            return ExqVllmMoEMethod(layer.moe_config, self.spec_for(prefix.removesuffix(".routed_experts")))
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()
         return None

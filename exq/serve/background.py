@@ -6,6 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -40,3 +43,20 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def wait_healthy(url: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """Block until `url`/health answers 200 (a server started in another process); fail fast if it died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if not alive():
+            raise ExqError(f"the server at {url} exited before it was ready")
+        if time.monotonic() > deadline:
+            raise ExqError(f"the server at {url} was not ready after {timeout:.0f} s")
+        time.sleep(0.2)
