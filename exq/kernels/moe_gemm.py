@@ -146,6 +146,22 @@ def _expert_tile(
 
 
 @triton.jit
+def _out_columns(pid_n, N: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
+    """A program's output columns (cols, in-range mask) and the weight rows it reads. GATED: BN/2 gate rows and the
+    BN/2 matching up rows (N/2 further on), so one K loop serves both halves of silu(gate) * up."""
+    j = tl.arange(0, BN)
+    if GATED:
+        cols = pid_n * (BN // 2) + (j % (BN // 2))
+        ok = cols < N // 2
+        rows = tl.where(ok, cols, 0) + tl.where(j < BN // 2, 0, N // 2)
+    else:
+        cols = pid_n * BN + j
+        ok = cols < N
+        rows = tl.where(ok, cols, 0)
+    return cols, ok, rows
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, fmt_ptr, slot_ptr,
     w16, w8, s8, w4, s4, wa, sa, za,
@@ -171,15 +187,7 @@ def moe_gemm_kernel(
     a_rows = (pairs // A_DIV).to(tl.int64)
     fmt = tl.load(fmt_ptr + e)
     slot = tl.load(slot_ptr + e).to(tl.int64)
-    j = tl.arange(0, BN)
-    if GATED:
-        cols = pid_n * (BN // 2) + (j % (BN // 2))
-        ok = cols < N // 2
-        rows = tl.where(ok, cols, 0) + tl.where(j < BN // 2, 0, N // 2)
-    else:
-        cols = pid_n * BN + j
-        ok = cols < N
-        rows = tl.where(ok, cols, 0)
+    cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
     acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, w16, w8, s8, w4, s4, wa, sa, za,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
@@ -324,15 +332,7 @@ def moe_gemv_kernel(
             tl.store(cnt_ptr + (p // A_DIV) * ZERO_NT + z, tl.zeros((ZERO_NTP,), tl.int32), mask=z < ZERO_NT)
     e = tl.load(ids_ptr + p)
     valid = (e >= 0) & (e < E)
-    jn = tl.arange(0, BN)
-    if GATED:
-        cols = pid_n * (BN // 2) + (jn % (BN // 2))
-        ok = cols < N // 2
-        rows = tl.where(ok, cols, 0) + tl.where(jn < BN // 2, 0, N // 2)
-    else:
-        cols = pid_n * BN + jn
-        ok = cols < N
-        rows = tl.where(ok, cols, 0)
+    cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
     acc = tl.zeros((BN,), dtype=tl.float32)
     if valid:
         fmt = tl.load(fmt_ptr + e)

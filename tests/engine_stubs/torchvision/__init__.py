@@ -3,11 +3,19 @@
 __version__ = "0.0.0+stub"
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
+def stub_getattr(module: str):
+    """A module __getattr__ whose every attribute is a function that raises only if called."""
 
-    def unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision is a test stub here: {__name__}.{name} is not available")
+    def getattr_(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
 
-    return unavailable
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"torchvision is a test stub here: {module}.{name} is not available")
+
+        return unavailable
+
+    return getattr_
+
+
+__getattr__ = stub_getattr(__name__)

@@ -1,11 +1,5 @@
-"""Import-only torchvision stand-in for the engine contract tests (see tests/engine_stubs/README.md)."""
+"""Import-only torchvision stand-in (see tests/engine_stubs/README.md)."""
 
+from torchvision import stub_getattr
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision is a test stub here: {__name__}.{name} is not available")
-
-    return unavailable
+__getattr__ = stub_getattr(__name__)

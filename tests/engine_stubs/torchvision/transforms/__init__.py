@@ -1,6 +1,8 @@
-"""Import-only torchvision stand-in for the engine contract tests (see tests/engine_stubs/README.md)."""
+"""Import-only torchvision stand-in (see tests/engine_stubs/README.md)."""
 
 import enum
+
+from torchvision import stub_getattr
 
 
 class InterpolationMode(enum.Enum):
@@ -13,11 +15,4 @@ class InterpolationMode(enum.Enum):
     LANCZOS = "lanczos"
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision is a test stub here: {__name__}.{name} is not available")
-
-    return unavailable
+__getattr__ = stub_getattr(__name__)
