@@ -245,7 +245,12 @@ def test_disconnect_frees_the_slot_and_full_queue_gets_429(checkpoint):
         async def three():
             async with httpx.AsyncClient(timeout=120) as h:
                 long = {"model": "demo-q", "prompt": "a", "max_tokens": 300, "ignore_eos": True}
-                return await asyncio.gather(*(h.post(url, json=long) for _ in range(3)))
+                first = asyncio.ensure_future(h.post(url, json=long))
+                deadline = time.monotonic() + 30  # wait until it holds the only slot: the queue is empty again
+                while engine.running_count() == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                rest = await asyncio.gather(*(h.post(url, json=long) for _ in range(2)))
+                return [await first, *rest]
 
         codes = sorted(r.status_code for r in asyncio.run(three()))
         assert codes == [200, 200, 429]  # one running, one queued, the third refused
