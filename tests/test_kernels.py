@@ -11,7 +11,7 @@ from conftest import DEVICE
 
 from exq.errors import ExqError
 from exq.kernels import GemmConfig, GemvConfig, fused_moe
-from exq.kernels.dispatch import dispatch, dispatch_torch, max_blocks
+from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_torch, max_blocks
 from exq.kernels.synthetic import mixed_formats, random_experts
 
 ALL = {"bf16": 0.25, "int8": 0.25, "int4": 0.25, "int4-asym": 0.25}
@@ -33,13 +33,16 @@ def brute_force_dispatch(ids: list[list[int]], experts: int, block_m: int) -> tu
     return pairs, owners
 
 
-@pytest.mark.parametrize("tokens,k,experts,block_m", [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32)])
+@pytest.mark.parametrize(
+    "tokens,k,experts,block_m", [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64)]
+)
 def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     gen = torch.Generator().manual_seed(tokens)
     # skewed routing: a few hot experts, many empty ones
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]) % max(k, experts // 3)
     want = brute_force_dispatch(ids.tolist(), experts, block_m)
-    for impl in (dispatch, dispatch_torch):
+    # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks
+    for impl in (dispatch, dispatch_torch, lambda i, e, b: dispatch_chunked(i, e, b, chunk=16)):
         d = impl(ids.to(DEVICE).int(), experts, block_m)
         assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want, impl.__name__
 
@@ -47,7 +50,7 @@ def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
 def test_dispatch_drops_ids_of_other_ranks():
     ids = torch.tensor([[0, -1], [5, 1], [1, 9]], dtype=torch.int32)  # 8 local experts: -1 and 9 are not ours
     pairs, owners = brute_force_dispatch([[0, 99], [5, 1], [1, 99]], 8, 16)
-    for impl in (dispatch, dispatch_torch):
+    for impl in (dispatch, dispatch_torch, lambda i, e, b: dispatch_chunked(i, e, b, chunk=4)):
         d = impl(ids.to(DEVICE), 8, 16)
         assert d.block_expert.tolist() == owners
         assert d.sorted_pairs.tolist() == pairs
@@ -91,6 +94,10 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
         (ALL, torch.float16, 2, (GemvConfig(64, 2, 4, 2), GemvConfig(64, 1, 4, 2))),  # K steps of 2 groups
         (ALL, torch.bfloat16, 3, (GemvConfig(32, 1, 4, 2, split_k=2), GemvConfig(32, 1, 4, 2))),  # split gate_up
+        # the tensor-core GEMV: a 16-row tile holding one pair's row, every format, split K on both projections
+        (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, mma=True)),
+        (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),
+        (ALL, torch.bfloat16, 2, (GemvConfig(32, 1, 4, 2, mma=True), GemvConfig(32, 1, 4, 2))),  # mma then CUDA cores
     ],
 )
 def test_fused_moe_matches_torch(shares, dtype, tokens, config):
@@ -104,17 +111,19 @@ def test_fused_moe_matches_torch(shares, dtype, tokens, config):
         assert len(set(ids.flatten().tolist())) < experts  # some experts received no token
 
 
-@pytest.mark.parametrize("dtype,split", [(torch.bfloat16, 2), (torch.float16, 2)])
-def test_split_k_gemv_reduces_partials_and_top_k(dtype, split):
+@pytest.mark.parametrize(
+    "dtype,split,mma", [(torch.bfloat16, 2, False), (torch.float16, 2, False), (torch.bfloat16, 2, True)]
+)
+def test_split_k_gemv_reduces_partials_and_top_k(dtype, split, mma):
     """Both projections split along K: partial sums, silu*up and the weighted top-k sum in the reduce kernels."""
     experts, hidden, inter, k = 8, 256, 256, 3
     mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=7), device=DEVICE, seed=4)
     x, w, ids = routing(5, experts, k, 3 if dtype == torch.float16 else 2, hidden, dtype)
-    out = fused_moe(x, w, ids, mod, config=GemvConfig(64, 1, 4, 2, split_k=split))
+    out = fused_moe(x, w, ids, mod, config=GemvConfig(64, 1, 4, 2, split_k=split, mma=mma))
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
     foreign = ids.clone()
     foreign[:, -1] = -1  # a slot of another rank adds nothing
-    out = fused_moe(x, w, foreign, mod, config=GemvConfig(64, 1, 4, 2, split_k=split), expert_parallel=True)
+    out = fused_moe(x, w, foreign, mod, config=GemvConfig(64, 1, 4, 2, split_k=split, mma=mma), expert_parallel=True)
     assert rel_err(out, reference(x, w[:, :-1], ids[:, :-1], mod)) < 1e-2
 
 
@@ -125,6 +134,8 @@ def test_split_k_gemv_reduces_partials_and_top_k(dtype, split):
         ("int4-asym", torch.float16, GemvConfig(64, 2, 4, 2)),
         ("int4", torch.float16, GemvConfig(32, 1, 4, 2, split_k=2)),  # one K step per split
         ("int4-asym", torch.bfloat16, GemvConfig(16, 2, 2, 2)),
+        ("int4", torch.bfloat16, GemvConfig(32, 1, 4, 3, mma=True)),  # tensor cores
+        ("int4-asym", torch.float16, GemvConfig(32, 1, 4, 2, split_k=2, mma=True)),
     ],
 )
 def test_gemv_single_int4_format(fmt, dtype, config):
@@ -216,6 +227,22 @@ def test_expert_parallel_ids_contribute_nothing():
     assert rel_err(out, ref) < 1e-2
 
 
+def test_default_rule_picks_a_path_per_layer_kind():
+    """Without a planned config: the CUDA-core GEMV for int4 layers at decode, the tensor-core GEMV once bf16 /
+    int8 experts are in the layer, GEMM row blocks for all-bf16 layers and for more pairs than experts."""
+    from exq.kernels.moe_op import default_config, kernel_blocks
+
+    blocks = {
+        kind: kernel_blocks(random_experts(8, 256, 128, mixed_formats(8, shares, seed=0), device=DEVICE))[0]
+        for kind, shares in (("int4", {"int4": 1.0}), ("mixed", ALL), ("bf16", {"bf16": 1.0}))
+    }
+    assert default_config(8, 8, blocks["int4"]) == GemvConfig(64, 2, 4, 2)
+    assert default_config(8, 8, blocks["mixed"]).mma
+    assert isinstance(default_config(8, 8, blocks["bf16"]), GemmConfig)
+    assert default_config(9, 8, blocks["int4"]).block_m == 16
+    assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 64
+
+
 def test_errors_name_the_problem():
     mod = random_experts(4, 128, 128, ["int4"] * 4, device=DEVICE)
     x, w, ids = routing(2, 4, 2, 0, 128, torch.bfloat16)
@@ -225,6 +252,10 @@ def test_errors_name_the_problem():
         fused_moe(x.float(), w, ids, mod)
     with pytest.raises(ExqError, match="hidden size"):
         fused_moe(torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE), w, ids, mod)
+    with pytest.raises(ExqError, match="groups_per_step=1"):
+        fused_moe(x, w, ids, mod, config=GemvConfig(32, 2, mma=True))
+    with pytest.raises(ExqError, match="divisible by 128"):  # K = 128 cannot split in 2 steps of 128
+        fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, split_k=2, mma=True))
     int3 = random_experts(4, 128, 128, ["int4"] * 4, device=DEVICE)
     int3.gate_up.slab_spec[0] = ("int3", 0, 4)
     with pytest.raises(ExqError, match="no fused kernel"):

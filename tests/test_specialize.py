@@ -43,6 +43,21 @@ def test_choose_takes_the_nearest_entry_in_log_rows():
     assert choose(t, "bf16", 3.0) is None
 
 
+def test_configs_survive_tables_and_bench_records():
+    """Table entries and the benchmark's config strings read back to the same config, the tensor-core GEMV flag
+    included; an old entry without the flag is a CUDA-core GEMV."""
+    from exq.errors import FormatError
+    from exq.kernels.tuning import config_from_dict, parse_bench_config
+
+    for cfg in (GemvConfig(64, 1, 4, 4, 2, mma=True), GemvConfig(32, 4), GemmConfig(64, 128, 128, 4, 3)):
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+        assert parse_bench_config(type(cfg).__name__ + str(tuple(cfg.as_dict().values()))) == cfg
+    old = {"kind": "gemv", "block_n": 32, "groups_per_step": 1, "num_warps": 4, "num_stages": 2, "split_k": 1}
+    assert config_from_dict(old) == GemvConfig(32, 1) and not config_from_dict(old).mma
+    with pytest.raises(FormatError):
+        parse_bench_config("GemvConfig(32, 1, maybe)")
+
+
 def test_layer_class_and_fit():
     assert layer_class({"int4", "int4-asym"}) == "int4"
     assert layer_class({"bf16"}) == "bf16"

@@ -112,24 +112,31 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
 ]
-GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k)
-    (32, 1, 4, 2, 1),
-    (64, 1, 4, 2, 1),
-    (64, 2, 4, 2, 1),
-    (128, 2, 8, 2, 1),
-    (32, 4, 4, 2, 1),
-    (32, 1, 4, 2, 2),
-    (32, 1, 4, 2, 4),
-    (64, 1, 4, 2, 4),
-    (32, 2, 4, 2, 4),
-    (32, 1, 4, 2, 8),
-    (16, 2, 4, 2, 1),
-    (32, 2, 4, 2, 1),
-    (32, 2, 4, 2, 2),
-    (64, 2, 4, 2, 2),
-    (64, 2, 8, 2, 1),
-    (128, 1, 8, 2, 1),
-    (64, 4, 8, 2, 1),
+GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma)
+    (32, 1, 4, 2, 1, False),
+    (64, 1, 4, 2, 1, False),
+    (64, 2, 4, 2, 1, False),
+    (128, 2, 8, 2, 1, False),
+    (32, 4, 4, 2, 1, False),
+    (32, 1, 4, 2, 2, False),
+    (32, 1, 4, 2, 4, False),
+    (64, 1, 4, 2, 4, False),
+    (32, 2, 4, 2, 4, False),
+    (32, 1, 4, 2, 8, False),
+    (16, 2, 4, 2, 1, False),
+    (32, 2, 4, 2, 1, False),
+    (32, 2, 4, 2, 2, False),
+    (64, 2, 4, 2, 2, False),
+    (64, 2, 8, 2, 1, False),
+    (128, 1, 8, 2, 1, False),
+    (64, 4, 8, 2, 1, False),
+    # tensor cores (any plan): a 16-row tile per pair, one group per K step
+    (32, 1, 4, 4, 1, True),
+    (64, 1, 4, 4, 1, True),
+    (64, 1, 4, 3, 2, True),
+    (128, 1, 4, 3, 1, True),
+    (128, 1, 4, 4, 2, True),
+    (64, 1, 4, 4, 4, True),
 ]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),
@@ -150,7 +157,20 @@ def _fits(block_m: int, pairs: int, experts: int) -> bool:
     return block_m <= max(16, 4 * per) and block_m >= min(64, per / 8)
 
 
-def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans) -> list[dict]:
+def default_candidates(plan: str, tokens: int, shape) -> list:
+    """The configurations a sweep times for one cell: tensor-core row blocks that fit the rows per expert, and at
+    decode sizes the GEMV paths (CUDA-core GEMV for int4 only: with bf16 / int8 experts it is far slower)."""
+    from exq.kernels import GemmConfig, GemvConfig
+
+    e, h, i, k = shape
+    out = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
+    if tokens * k <= 4 * e:
+        ok = [c for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0]
+        out += [GemvConfig(*c) for c in ok if plan == "int4" or c[5]]
+    return out
+
+
+def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):
     from exq.kernels.synthetic import mixed_formats, random_experts
 
     e, h, i, k = SHAPES[name]
@@ -162,7 +182,8 @@ def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, 
             x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
             routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
             row = {"shape": name, "plan": plan, "tokens": t, "pairs": t * k}
-            row |= bench_layer(x, routes, mods, plan, (e, h, i, k), layers, reps, sgl, floors)
+            cands = (candidates or default_candidates)(plan, t, (e, h, i, k))
+            row |= bench_layer(x, routes, mods, plan, (e, h, i, k), layers, reps, sgl, floors, cands)
             rows.append(row)
             log(row)
         del mods
@@ -170,8 +191,8 @@ def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, 
     return rows
 
 
-def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors) -> dict:
-    from exq.kernels import GemmConfig, GemvConfig, fused_moe
+def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors, candidates) -> dict:
+    from exq.kernels import fused_moe
 
     e, h, i, k = shape
     t = x.shape[0]
@@ -187,11 +208,6 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
 
     row["exq_default_us"] = ours(None)
     best = (row["exq_default_us"], None)
-    candidates = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], t * k, e)]
-    if t * k <= 4 * e and plan == "int4":  # the GEMV path (int4 only: for bf16 / int8 experts it is far slower)
-        candidates += [
-            GemvConfig(*c) for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0
-        ]
     row["exq_sweep"] = {}  # every candidate's time, to see how far the runners-up are
     for cfg in candidates:
         us = ours(cfg)
@@ -278,7 +294,10 @@ def check_against_sglang(sgl, log) -> float:
     return err
 
 
-def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path, plans=tuple(PLANS)) -> dict:
+def run(
+    shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path, plans=tuple(PLANS), candidates=None
+) -> dict:
+    """candidates(plan, tokens, (E, H, I, k)) -> configs to sweep per cell (default: `default_candidates`)."""
     if not torch.cuda.is_available():
         from exq.errors import ExqError
 
@@ -304,7 +323,7 @@ def run(shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output
     if sgl is not None:
         result["sglang_check_relative_error"] = check_against_sglang(sgl, log)
     for name in shapes:
-        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log, plans)
+        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log, plans, candidates)
     output.parent.mkdir(parents=True, exist_ok=True)
     from exq.fileio import atomic_write_bytes
 

@@ -29,6 +29,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # > 1: K cut in this many parts, partial sums finished by a reduce kernel
+    mma: bool = False  # the dot product on tensor cores (a 16-row tile holding the pair's row), not CUDA cores
 
     def as_dict(self) -> dict:
         return dict(vars(self))

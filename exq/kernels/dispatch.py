@@ -97,6 +97,65 @@ if triton is not None:
         owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, owner, mask=b < NB)
 
+    @triton.jit
+    def _dispatch_count(ids_ptr, counts_ptr, P, E, CH: tl.constexpr, EP: tl.constexpr):
+        """Pass 1, one program per chunk of CH pairs: how many of them each expert got."""
+        c = tl.program_id(0)
+        p = c * CH + tl.arange(0, CH)
+        e = tl.load(ids_ptr + p, mask=p < P, other=-1)
+        e = tl.where((e < 0) | (e >= E), EP, e)  # dropped or past the end: no expert's column
+        ex = tl.arange(0, EP)
+        tl.store(counts_ptr + c * EP + ex, tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0))
+
+    @triton.jit
+    def _dispatch_plan(
+        counts_ptr, start_ptr, sorted_ptr, block_expert_ptr, NCH, P, E, NB,
+        BLOCK_M: tl.constexpr, EP: tl.constexpr, RB: tl.constexpr, FILL: tl.constexpr,
+    ):  # fmt: skip
+        """Pass 2, one program: per-chunk counts become exclusive prefixes over chunks (in place); each expert's
+        first block; padding slots and unused blocks filled; the owner of every block."""
+        ex = tl.arange(0, EP)
+        total = tl.zeros([EP], tl.int32)
+        for c0 in range(0, NCH, RB):
+            r = c0 + tl.arange(0, RB)
+            ptrs = counts_ptr + r[:, None] * EP + ex[None, :]
+            tile = tl.load(ptrs, mask=(r < NCH)[:, None], other=0)
+            tl.store(ptrs, tl.cumsum(tile, axis=0) - tile + total[None, :], mask=(r < NCH)[:, None])
+            total += tl.sum(tile, axis=0)
+        blocks = tl.where(ex < E, (total + BLOCK_M - 1) // BLOCK_M, 0)
+        block_end = tl.cumsum(blocks, axis=0)
+        start = block_end - blocks
+        tl.store(start_ptr + ex, start)
+        j = tl.arange(0, BLOCK_M)
+        pad = (start * BLOCK_M + total)[:, None] + j[None, :]  # an expert's last block past its rows
+        tl.store(sorted_ptr + pad, tl.full([EP, BLOCK_M], 0, tl.int32) + P, mask=pad < (block_end * BLOCK_M)[:, None])
+        used = tl.sum(blocks, axis=0) * BLOCK_M
+        for s0 in range(used, NB * BLOCK_M, FILL):  # blocks no expert needs this time
+            s = s0 + tl.arange(0, FILL)
+            tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
+        for b0 in range(0, NB, FILL // EP):
+            b = b0 + tl.arange(0, FILL // EP)
+            owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b, owner, mask=b < NB)
+
+    @triton.jit
+    def _dispatch_scatter(
+        ids_ptr, counts_ptr, start_ptr, sorted_ptr, P, E, BLOCK_M: tl.constexpr, CH: tl.constexpr, EP: tl.constexpr
+    ):
+        """Pass 3, one program per chunk: pair p goes to its expert's first block + pairs of that expert in earlier
+        chunks + its rank among them in this chunk (the same order as a stable sort)."""
+        c = tl.program_id(0)
+        p = c * CH + tl.arange(0, CH)
+        e = tl.load(ids_ptr + p, mask=p < P, other=-1)
+        valid = (p < P) & (e >= 0) & (e < E)
+        e = tl.where(valid, e, EP)
+        ex = tl.arange(0, EP)
+        onehot = (e[:, None] == ex[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        safe = tl.where(valid, e, 0)
+        dest = tl.load(start_ptr + safe) * BLOCK_M + tl.load(counts_ptr + c * EP + safe) + rank
+        tl.store(sorted_ptr + dest, p, mask=valid)
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -107,12 +166,34 @@ SMALL_LIMIT = (
 )  # pairs x experts for the one-program kernel (its one-hot cumsum needs 4 bytes each of shared memory)
 
 
+def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: int = 64) -> Dispatch:
+    """Any size in three launches (count per chunk, plan, scatter), where the torch path takes ~35 small ones."""
+    p = topk_ids.numel()
+    ep = _pow2(max(experts, 16))
+    nch = -(-p // chunk)
+    nb = max_blocks(p, experts, block_m)
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    counts = torch.empty(nch * ep, dtype=torch.int32, device=dev)
+    start = torch.empty(ep, dtype=torch.int32, device=dev)
+    sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    _dispatch_count[(nch,)](ids, counts, p, experts, CH=chunk, EP=ep, num_warps=4)
+    _dispatch_plan[(1,)](counts, start, sorted_pairs, block_expert, nch, p, experts, nb, BLOCK_M=block_m, EP=ep,
+                         RB=max(1, 4096 // ep), FILL=max(1024, ep), num_warps=8)  # fmt: skip
+    _dispatch_scatter[(nch,)](ids, counts, start, sorted_pairs, p, experts, BLOCK_M=block_m, CH=chunk, EP=ep,
+                              num_warps=4)  # fmt: skip
+    return Dispatch(sorted_pairs, block_expert, block_m)
+
+
 def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
-    """One kernel launch for decode-sized batches (what dominates at 1-64 tokens), the torch path beyond."""
+    """One kernel launch for decode-sized batches (what dominates at 1-64 tokens), three beyond."""
     p = topk_ids.numel()
     pp, ep = _pow2(max(p, 16)), _pow2(experts + 1)
-    if triton is None or pp * ep > SMALL_LIMIT or not (topk_ids.is_cuda or interpreting()):
+    if triton is None or not (topk_ids.is_cuda or interpreting()):
         return dispatch_torch(topk_ids, experts, block_m)
+    if pp * ep > SMALL_LIMIT:
+        return dispatch_chunked(topk_ids, experts, block_m)
     nb = max_blocks(p, experts, block_m)
     sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)

@@ -28,14 +28,14 @@ def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
 
 @triton.jit
 def _tile_dense(
-    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
-    INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
+    KS: tl.constexpr, INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
     ks = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_lo + KS, BK):
         a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
         w = tl.load(base + (k0 + ks)[:, None])
         if INT8:  # code - 128 via fp32 exponent bits (2^23 + code), not I2F at a quarter of the FMA rate
@@ -46,13 +46,54 @@ def _tile_dense(
     return acc
 
 
+# Four packed bytes -> the low nibbles (two 16-bit pairs) and the high nibbles (two pairs), each minus 8, exact.
+# PRMT spreads bytes 0,1 (2,3) to the two 16-bit lanes, LOP3 masks a nibble under the magic exponent (the value
+# becomes base + code: 128 in bf16, 1024 in fp16, where the step is 1), one packed FMA by 1.0 removes base + 8:
+# 3 instructions per byte for both nibbles, where the generic code extracted every byte with its own PRMT.
+_NIB_PTX = """{
+.reg .b32 t0, t1, u0, u1, one, bias;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.u32 u0, t0, 4;
+shr.u32 u1, t1, 4;
+lop3.b32 t0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 u0, u0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 u1, u1, 0x000F000F, MAGIC, 0xEA;
+mov.b32 one, ONE;
+mov.b32 bias, BIAS;
+fma.rn.TYPE $0, t0, one, bias;
+fma.rn.TYPE $1, t1, one, bias;
+fma.rn.TYPE $2, u0, one, bias;
+fma.rn.TYPE $3, u1, one, bias;
+}"""
+_NIB_BF16 = tl.constexpr(
+    _NIB_PTX.replace("TYPE", "bf16x2")
+    .replace("MAGIC", "0x43004300")
+    .replace("ONE", "0x3F803F80")
+    .replace("BIAS", "0xC308C308")  # -136
+)
+_NIB_F16 = tl.constexpr(
+    _NIB_PTX.replace("TYPE", "f16x2")
+    .replace("MAGIC", "0x64006400")
+    .replace("ONE", "0x3C003C00")
+    .replace("BIAS", "0xE408E408")  # -1032
+)
+
+
 @triton.jit
-def _nibbles(b, off, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, DT: tl.constexpr):
+def _nibbles(b, off, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, DT: tl.constexpr, PTX: tl.constexpr = False):
     """(code - off) of every nibble of b as DT, low then high: exact small integers.
 
     With MAGIC_BITS (0x4300 for bf16, 0x6400 for fp16) a nibble becomes MAGIC_BASE + code by setting the
-    exponent bits (one OR and a bitcast, no int->float conversion), then one subtraction."""
-    if MAGIC_BITS:
+    exponent bits (one OR and a bitcast, no int->float conversion), then one subtraction. PTX (symmetric int4 on
+    the GPU, off == 8): the same arithmetic in `_NIB_PTX`, four bytes per block."""
+    if PTX:
+        if MAGIC_BASE == 128:
+            lo, hi = tl.inline_asm_elementwise(_NIB_BF16, "=r,=r,=r,=r,r", [b], (tl.bfloat16, tl.bfloat16), True, 4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_NIB_F16, "=r,=r,=r,=r,r", [b], (tl.float16, tl.float16), True, 4)
+    elif MAGIC_BITS:
         base = (off + MAGIC_BASE).to(DT)
         lo = ((b & 0xF).to(tl.uint16) | MAGIC_BITS).to(DT, bitcast=True) - base
         hi = ((b >> 4).to(tl.uint16) | MAGIC_BITS).to(DT, bitcast=True) - base
@@ -76,6 +117,8 @@ def _tile_int4(
     rows,
     N: tl.constexpr,
     K: tl.constexpr,
+    k_lo,
+    KS: tl.constexpr,
     ASYM: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -84,6 +127,7 @@ def _tile_int4(
     MAGIC_BITS: tl.constexpr,
     MAGIC_BASE: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    PTX: tl.constexpr,
 ):
     """INTERLEAVE: nibbles joined back into K order, one dot with the A tile as stored (big row blocks).
     Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle)."""
@@ -93,14 +137,22 @@ def _tile_int4(
     groups: tl.constexpr = K // 128
     base = w_ptr + slot * (N * K // 2) + rows[None, :].to(tl.int64) * (K // 2)
     sbase = slot * (N * groups) + rows.to(tl.int64) * groups
-    for k0 in range(0, K, BK):
+    # scales (and zero points) are loaded one step ahead: in the MMA layout they are per-thread 2-byte gathers that
+    # the pipeliner leaves in the loop, and each step would wait a memory round trip for them
+    g_end = (k_lo + KS) // 128 - 1
+    scale_next = tl.load(s_ptr + sbase + k_lo // 128)
+    zero_next = tl.load(z_ptr + sbase + k_lo // 128) if ASYM else scale_next
+    for k0 in range(k_lo, k_lo + KS, BK):
         b = tl.load(base + (k0 // 2 + half)[:, None])  # [BK/2, BN] uint8
-        g = k0 // 128
+        scale, zero = scale_next, zero_next
+        g_next = tl.minimum((k0 + BK) // 128, g_end)
+        scale_next = tl.load(s_ptr + sbase + g_next)
         if ASYM:
-            off = tl.load(z_ptr + sbase + g).to(tl.int32)[None, :]
+            zero_next = tl.load(z_ptr + sbase + g_next)
+            off = zero.to(tl.int32)[None, :]
         else:
             off = 8
-        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT)
+        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
         if INTERLEAVE:
             w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))
             part = tl.dot(_a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT), w)
@@ -113,35 +165,37 @@ def _tile_int4(
             a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
             a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
             part = tl.dot(a_odd, hi, tl.dot(a_even, lo))
-        scale = tl.load(s_ptr + sbase + g).to(tl.float32)
-        acc += part * scale[None, :]
+        acc += part * scale.to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
 def _expert_tile(
-    a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr,
-    w16, w8, s8, w4, s4, wa, sa, za,
+    a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
+    KS: tl.constexpr, w16, w8, s8, w4, s4, wa, sa, za,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
-    """[BM, BN] fp32 = A rows x W[rows]^T for one expert, whatever its format (formats absent compile away)."""
+    """[BM, BN] fp32 = A rows x W[rows, k_lo : k_lo + KS]^T for one expert, whatever its format (formats absent
+    compile away)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_BF16:
         if fmt == 0:
-            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, False, BM, BN, BK, DT)
+            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, k_lo, KS, False,
+                              BM, BN, BK, DT)  # fmt: skip
     if HAS_INT8:
         if fmt == 1:
-            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, True, BM, BN, BK, DT)
+            acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, k_lo, KS, True,
+                              BM, BN, BK, DT)  # fmt: skip
     if HAS_INT4:
         if fmt == 2:
-            acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, False, BM, BN, BK,
-                             DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+            acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, k_lo, KS, False,
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
     if HAS_INT4_ASYM:
         if fmt == 3:
-            acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, True, BM, BN, BK,
-                             DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+            acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, k_lo, KS, True,
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
     return acc
 
 
@@ -170,7 +224,7 @@ def moe_gemm_kernel(
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -188,9 +242,10 @@ def moe_gemm_kernel(
     fmt = tl.load(fmt_ptr + e)
     slot = tl.load(slot_ptr + e).to(tl.int64)
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
-    acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, w16, w8, s8, w4, s4, wa, sa, za,
+    acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
+                       w16, w8, s8, w4, s4, wa, sa, za,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
         out = gate * tl.sigmoid(gate) * up
@@ -308,6 +363,8 @@ def moe_gemv_kernel(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
     TOP_K: tl.constexpr, KSP: tl.constexpr, ZERO_NT: tl.constexpr, ZERO_NTP: tl.constexpr,
+    MMA: tl.constexpr = False, DT: tl.constexpr = tl.bfloat16, MAGIC_BITS: tl.constexpr = 0,
+    MAGIC_BASE: tl.constexpr = 0, PTX: tl.constexpr = False,
 ):  # fmt: skip
     """Decode path: one program per (pair, column tile, K split), no dispatch; the pair's expert comes from topk_ids.
 
@@ -322,7 +379,13 @@ def moe_gemv_kernel(
     tile) counter; the last of the TOP_K x SPLIT programs of that tile sums their partials in a fixed order and
     writes C [T, N]: the top-k sum and the split reduction without another launch, deterministic, and nothing ever
     waits on another program (no residency assumption). Dropped ids (other ranks' experts) count with a zero
-    partial, so a token with no local expert gets a zero row."""
+    partial, so a token with no local expert gets a zero row.
+
+    MMA: the dot product on tensor cores instead: a [16, BK] A tile whose only loaded row is the pair's (the others
+    masked, no memory traffic) against the expert's [BK, BN] weight tile, with the GEMM path's decode and its
+    software-pipelined cp.async loads; tensor cores have work to spare at decode, CUDA cores and the layout
+    shuffles of a reduction do not.
+    """
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -339,9 +402,16 @@ def moe_gemv_kernel(
         slot = tl.load(slot_ptr + e).to(tl.int64)
         a_row = (p // A_DIV).to(tl.int64)
         kb_lo = pid_s * (K // 2 // SPLIT)
-        acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo,
-                         kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
-                         BN, GPS)  # fmt: skip
+        if MMA:
+            r = tl.arange(0, 16)
+            tile = _expert_tile(a_ptr, a32_ptr, a_row + r * 0, r == 0, K, fmt, slot, rows, N, K, 2 * kb_lo, K // SPLIT,
+                                w16, w8, s8, w4, s4, wa, sa, za, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
+                                16, BN, 128, DT, MAGIC_BITS, MAGIC_BASE, False, PTX)  # fmt: skip
+            acc = tl.sum(tile, axis=0)  # rows 1..15 are zero
+        else:
+            acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo,
+                             kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
+                             BN, GPS)  # fmt: skip
     if GATED:
         if valid:  # a program-uniform branch, not a scalar folded into the mask (newer interpreters reject that)
             if SPLIT > 1:

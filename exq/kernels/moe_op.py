@@ -84,33 +84,30 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     """A fixed rule until the compiler's per-layer table (pass D) names one: the GEMV path while experts see about
     one token each, small row blocks while they see a few, bigger tensor-core tiles once they are many."""
     per_expert = pairs / max(1, num_experts)
-    # measured on H100 (docs/perf-notes.md, v6): GEMV wins for int4 layers up to ~E pairs and loses badly for bf16
-    if pairs <= num_experts and block.present <= {"int4", "int4-asym"} and block.in_features % 128 == 0:
-        return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
-    if per_expert <= 1:
+    # measured on H100 (docs/perf-notes.md, v6, v9): the CUDA-core GEMV wins for int4 layers up to ~E pairs; for
+    # layers with bf16 / int8 experts the tensor-core GEMV does (1.7x the 16-row GEMM at T = 1, mixed plan)
+    if pairs <= num_experts and block.in_features % 128 == 0 and block.present != {"bf16"}:
+        if block.present <= {"int4", "int4-asym"}:
+            return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
+        return GemvConfig(64, 1, 4, 4, mma=True)
+    if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
         return GemmConfig(16, 64, 128, 4, 4)
-    if per_expert <= 8:  # measured (v7): 16-row blocks with 64 + 64 gate/up columns beat 32-row blocks up to T = 64
-        return GemmConfig(16, 128, 128, 4, 3)
     if per_expert <= 32:
-        return GemmConfig(32, 64, 128, 4, 3)
-    return GemmConfig(64, 128, 64, 8, 3)
+        return GemmConfig(16, 128, 128, 4, 3)
+    return GemmConfig(64, 128, 128, 4, 3)  # v9: 1.2-1.5x the 8-warp BK 64 tile at T = 1024
 
 
 def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig) -> None:
     import triton
-    import triton.language as tl
 
     n_out = block.out_features // 2 if gated else block.out_features
     if block.in_features % cfg.block_k or cfg.block_k > 128 or 128 % cfg.block_k:
         raise ExqError(f"block_k {cfg.block_k} must divide 128 and in_features {block.in_features}")
     if a.stride(0) != block.in_features:  # the int4 tile reads A rows as int32 words at stride K / 2
         raise ExqError(f"activations must be contiguous rows of {block.in_features}, got stride {a.stride(0)}")
-    dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[a.dtype]
-    if interpreting() and dt == tl.bfloat16:
-        dt = tl.float32  # bf16 tl.dot is wrong in the interpreter; fp32 is exact there (fp16 is fine)
     t = block.tensors
     grid = (disp.num_blocks, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n))
-    magic = {tl.bfloat16: (0x4300, 128), tl.float16: (0x6400, 1024)}.get(dt, (0, 0))
+    dt, magic, ptx = _dot_types(a)
     moe_gemm_kernel[grid](
         a, a.view(torch.int32), c, topk_weights, disp.sorted_pairs, disp.block_expert, block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
@@ -119,9 +116,21 @@ def _gemm(a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul
         HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
-        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64,
+        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+def _dot_types(a: torch.Tensor):
+    """The tensor-core operand type for these activations, the nibble decode's magic (exponent bits, value) and
+    whether the decode may use its PTX block (NVIDIA GPUs; the interpreter runs the plain Triton expression)."""
+    import triton.language as tl
+
+    dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[a.dtype]
+    if interpreting() and dt == tl.bfloat16:
+        dt = tl.float32  # bf16 tl.dot is wrong in the interpreter; fp32 is exact there (fp16 is fine)
+    magic = {tl.bfloat16: (0x4300, 128), tl.float16: (0x6400, 1024)}.get(dt, (0, 0))
+    return dt, magic, magic[0] != 0 and not interpreting() and torch.version.hip is None
 
 
 def _gemv(
@@ -133,6 +142,8 @@ def _gemv(
     import triton
 
     step, split = 128 * cfg.groups_per_step, cfg.split_k
+    if cfg.mma and cfg.groups_per_step != 1:
+        raise ExqError("the tensor-core GEMV (mma) steps one group of 128 at a time", "use groups_per_step=1")
     if block.in_features % (step * split):
         raise ExqError(
             f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
@@ -146,6 +157,7 @@ def _gemv(
         ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device)
     t = block.tensors
     grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
+    dt, magic, ptx = _dot_types(a)
     moe_gemv_kernel[grid](
         a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
@@ -155,6 +167,7 @@ def _gemv(
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, TOP_K=top_k, KSP=triton.next_power_of_2(top_k * split),
         ZERO_NT=zero_nt, ZERO_NTP=triton.next_power_of_2(max(zero_nt, 1)),
+        MMA=cfg.mma, DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if gated and split > 1:

@@ -42,7 +42,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     kind = d.get("kind")
-    args = {k: int(v) for k, v in d.items() if k != "kind"}
+    args = {k: bool(v) if k == "mma" else int(v) for k, v in d.items() if k != "kind"}
     if kind == "gemv":
         return GemvConfig(**args)
     if kind == "gemm":
@@ -57,10 +57,14 @@ def parse_bench_config(value) -> Config | None:
         return None
     if isinstance(value, list):
         return GemmConfig(*value)
-    m = re.fullmatch(r"(GemmConfig|GemvConfig)\(([\d, ]+)\)", str(value))
+    m = re.fullmatch(r"(GemmConfig|GemvConfig)\(([\w, ]+)\)", str(value))
     if not m:
         raise FormatError(f"cannot read kernel config {value!r}")
-    args = [int(x) for x in m.group(2).split(",")]
+    try:
+        args = [{"True": True, "False": False}.get(x.strip()) if x.strip() in ("True", "False") else int(x)
+                for x in m.group(2).split(",")]  # fmt: skip
+    except ValueError as e:
+        raise FormatError(f"cannot read kernel config {value!r}") from e
     return (GemmConfig if m.group(1) == "GemmConfig" else GemvConfig)(*args)
 
 
