@@ -133,8 +133,8 @@ if triton is not None:
         for s0 in range(used, NB * BLOCK_M, FILL):  # blocks no expert needs this time
             s = s0 + tl.arange(0, FILL)
             tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
-        for b0 in range(0, NB, FILL // EP):
-            b = b0 + tl.arange(0, FILL // EP)
+        for b0 in range(0, NB, RB):
+            b = b0 + tl.arange(0, RB)
             owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
             tl.store(block_expert_ptr + b, owner, mask=b < NB)
 

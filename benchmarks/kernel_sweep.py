@@ -1,0 +1,75 @@
+"""A targeted kernel sweep: `exq bench kernels`'s measurement with a short candidate list per batch size.
+
+    python benchmarks/kernel_sweep.py --shapes olmoe-1b-7b qwen3-30b-a3b --tokens 1 4 16 64 256 1024 \
+        --plans int4 mixed --output docs/bench/kernels_h100_v9.json
+
+Per (shape, plan, T): the tuned table's configuration (when it has the cell), the tensor-core GEMV configs at decode
+sizes and a few tensor-core row blocks beyond, plus the default rule (`exq_default_us`), each timed as `exq bench
+kernels` times it (CUDA graph over 8 layers' weights, median of the replays, floors measured in the same run). The
+output has the bench format, so `benchmarks/kernel_table.py` reads it. SGLang is not run (use `exq bench kernels`
+for the baselines); this is for before / after work on exq's own kernels within a short device budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from exq.bench import PLANS, SHAPES
+from exq.kernels.configs import GemmConfig as G
+from exq.kernels.configs import GemvConfig
+
+MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1))]
+BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
+    16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), MMA[3], MMA[2]],
+    64: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3)],
+    256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3),
+          G(64, 128, 128, 4, 3)],
+    1024: [G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3), G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3)],
+    4096: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), G(128, 128, 128, 8, 3)],  # not run yet
+}  # fmt: skip
+
+
+def candidates(table: dict | None):
+    from exq.kernels.tuning import config_from_dict
+
+    names = {v: k for k, v in SHAPES.items()}
+
+    def pick(plan: str, tokens: int, shape) -> list:
+        _, h, i, _ = shape
+        out = []
+        if table is not None:
+            key = (names[shape], plan, tokens)
+            out += [config_from_dict(e["config"]) for e in table["entries"]
+                    if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
+        near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
+        out += MMA if tokens <= 4 else BY_TOKENS[near]
+        fits = [
+            c
+            for c in out
+            if not isinstance(c, GemvConfig) or (h % (128 * c.split_k) == 0 and i % (128 * c.split_k) == 0)
+        ]
+        return list(dict.fromkeys(fits))
+
+    return pick
+
+
+def main() -> None:
+    import torch
+
+    from exq.bench.kernels import run
+    from exq.kernels.tuning import packaged_tables
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["olmoe-1b-7b", "qwen3-30b-a3b"])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024])
+    ap.add_argument("--plans", nargs="+", choices=list(PLANS), default=["int4", "mixed"])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--output", type=Path, default=Path("runs/bench/kernel_sweep.json"))
+    a = ap.parse_args()
+    table = packaged_tables().get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    run(a.shapes, a.tokens, 8, a.reps, None, a.output, tuple(a.plans), candidates(table))
+
+
+if __name__ == "__main__":
+    main()
