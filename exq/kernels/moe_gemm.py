@@ -12,7 +12,8 @@ the even and odd input columns: two dots on [BLOCK_K / 2] slices, no nibble inte
 
 gate_up (GATED) computes the gate and the up rows of the same columns and writes silu(gate) * up; down multiplies by
 the routing weight. The reduction over top-k is one `sum` over the [T, k, H] result on the tensor-core path; the
-GEMV path's down launch does it in its last program per output tile (`moe_gemv_kernel`).
+GEMV paths' down launch does it in its last program per output tile (`moe_gemv_kernel`, whose MMA variant runs the
+tensor-core tile below on a single row).
 """
 
 from __future__ import annotations
