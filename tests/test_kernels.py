@@ -244,6 +244,8 @@ def test_default_rule_picks_a_path_per_layer_kind():
 
 
 def test_errors_name_the_problem():
+    from exq.kernels.moe_op import kernel_blocks
+
     mod = random_experts(4, 128, 128, ["int4"] * 4, device=DEVICE)
     x, w, ids = routing(2, 4, 2, 0, 128, torch.bfloat16)
     with pytest.raises(ExqError, match="activation"):
@@ -252,6 +254,18 @@ def test_errors_name_the_problem():
         fused_moe(x.float(), w, ids, mod)
     with pytest.raises(ExqError, match="hidden size"):
         fused_moe(torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE), w, ids, mod)
+    with pytest.raises(ExqError, match="tokens = 1"):  # would read past hidden's last row
+        fused_moe(x[:1], w, ids, mod)
+    with pytest.raises(ExqError, match="top_k"):
+        fused_moe(x, w, ids.reshape(-1), mod)
+    with pytest.raises(ExqError, match="int32 / int64"):
+        fused_moe(x, w, ids.float(), mod)
+    with pytest.raises(ExqError, match="shaped like topk_ids"):
+        fused_moe(x, w[:, :1], ids, mod)
+    with pytest.raises(ExqError, match="4 experts but down has 8"):
+        other = random_experts(8, 128, 128, ["int4"] * 8, device=DEVICE)
+        fused_moe(x, w, ids, (kernel_blocks(mod)[0], kernel_blocks(other)[1]))
+    assert torch.equal(fused_moe(x, w, ids.long(), mod), fused_moe(x, w, ids, mod))  # int64 ids work alike
     with pytest.raises(ExqError, match="groups_per_step=1"):
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 2, mma=True))
     with pytest.raises(ExqError, match="divisible by 128"):  # K = 128 cannot split in 2 steps of 128

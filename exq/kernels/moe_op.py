@@ -191,17 +191,11 @@ def fused_moe(
     """
     if activation != "silu":
         raise ExqError(f"activation {activation!r} is not supported by the fused kernel", "use silu")
-    if hidden.dtype not in (torch.bfloat16, torch.float16):
-        raise ExqError(f"fused_moe takes bf16 or fp16 activations, got {hidden.dtype}")
     gu, dn = experts if isinstance(experts, tuple) else kernel_blocks(experts)
+    topk_ids = _check_inputs(hidden, topk_weights, topk_ids, gu, dn)
     t, h = hidden.shape
     k = topk_ids.shape[1]
     p = t * k
-    if gu.in_features != h or dn.out_features != h or gu.out_features != 2 * dn.in_features:
-        raise ExqError(
-            f"expert shapes gate_up {gu.out_features}x{gu.in_features}, down {dn.out_features}x"
-            f"{dn.in_features} do not fit hidden size {h}"
-        )
     if isinstance(config, tuple):
         cfg1, cfg2 = config
     else:
@@ -232,6 +226,39 @@ def fused_moe(
     out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
     _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
     return out.view(t, k, h).sum(dim=1)
+
+
+def _check_inputs(hidden, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlock) -> torch.Tensor:
+    """Shapes, dtypes and devices the kernels rely on, checked on the host before any launch (a mismatch would read
+    or write out of bounds). Returns the ids as int32. Ids outside [0, E) are not checked (that needs a device
+    sync): they contribute nothing with expert_parallel=True and are undefined otherwise."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ExqError(f"fused_moe takes bf16 or fp16 activations, got {hidden.dtype}", "cast hidden first")
+    if hidden.dim() != 2:
+        raise ExqError(f"hidden must be [tokens, hidden_size], got shape {tuple(hidden.shape)}", "flatten the batch")
+    t, h = hidden.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ExqError(
+            f"topk_ids must be [tokens, top_k] with tokens = {t} (hidden's rows), got shape {tuple(topk_ids.shape)}"
+        )
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ExqError(f"topk_ids must hold int32 / int64 expert ids, got {topk_ids.dtype}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+        raise ExqError(
+            f"topk_weights must be floating point and shaped like topk_ids {tuple(topk_ids.shape)}, got "
+            f"{topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
+    if gu.num_experts != dn.num_experts:
+        raise ExqError(f"gate_up has {gu.num_experts} experts but down has {dn.num_experts}", "pass one layer's pair")
+    if gu.in_features != h or dn.out_features != h or gu.out_features != 2 * dn.in_features:
+        raise ExqError(
+            f"expert shapes gate_up {gu.out_features}x{gu.in_features}, down {dn.out_features}x"
+            f"{dn.in_features} do not fit hidden size {h}"
+        )
+    devices = {hidden.device, topk_ids.device, topk_weights.device, gu.fmt.device, dn.fmt.device}
+    if len(devices) > 1:
+        raise ExqError(f"fused_moe's inputs and experts are on different devices: {sorted(map(str, devices))}")
+    return topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
 
 
 def _run_gemm(a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched) -> None:
