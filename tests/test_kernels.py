@@ -266,6 +266,12 @@ def test_errors_name_the_problem():
         other = random_experts(8, 128, 128, ["int4"] * 8, device=DEVICE)
         fused_moe(x, w, ids, (kernel_blocks(mod)[0], kernel_blocks(other)[1]))
     assert torch.equal(fused_moe(x, w, ids.long(), mod), fused_moe(x, w, ids, mod))  # int64 ids work alike
+    with pytest.raises(ExqError, match="cannot compile"):
+        fused_moe(x, w, ids, mod, config=GemmConfig(8, 64, 128))
+    with pytest.raises(ExqError, match="cannot compile"):
+        fused_moe(x, w, ids, mod, config=(GemmConfig(16), GemvConfig(48, 1)))
+    with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):
+        fused_moe(x, w, ids, mod, config={"block_m": 16})
     with pytest.raises(ExqError, match="groups_per_step=1"):
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 2, mma=True))
     with pytest.raises(ExqError, match="divisible by 128"):  # K = 128 cannot split in 2 steps of 128

@@ -196,11 +196,13 @@ def fused_moe(
     t, h = hidden.shape
     k = topk_ids.shape[1]
     p = t * k
-    if isinstance(config, tuple):
+    if isinstance(config, tuple) and len(config) == 2:
         cfg1, cfg2 = config
     else:
         cfg1 = config or default_config(p, gu.num_experts, gu)
         cfg2 = config or default_config(p, dn.num_experts, dn)
+    _check_config(cfg1)
+    _check_config(cfg2)
     hidden = hidden.contiguous()
     topk_weights = topk_weights.reshape(-1).contiguous()
     dispatched: dict[int, object] = {}
@@ -259,6 +261,28 @@ def _check_inputs(hidden, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlo
     if len(devices) > 1:
         raise ExqError(f"fused_moe's inputs and experts are on different devices: {sorted(map(str, devices))}")
     return topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+
+
+def _check_config(cfg) -> None:
+    """Tile sizes the kernels can compile: powers of two, tensor-core minimums (16), gate/up halves."""
+
+    def pow2(n) -> bool:
+        return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+    if isinstance(cfg, GemmConfig):
+        ok = (
+            all(pow2(v) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps))
+            and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
+        )
+    elif isinstance(cfg, GemvConfig):
+        ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
+        ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1
+    else:
+        raise ExqError(f"config must be a GemmConfig, a GemvConfig or a (gate_up, down) pair, got {cfg!r}")
+    if not ok or cfg.num_stages < 1:
+        raise ExqError(
+            f"{cfg} cannot compile", "tile sizes and warps are powers of two, tiles at least 16, stages at least 1"
+        )
 
 
 def _run_gemm(a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched) -> None:
