@@ -113,3 +113,15 @@ def test_slot_cache_rows_and_limits():
         cache.prepare(0, 9, None)
     with pytest.raises(ExqError):
         SlotCache(num_layers=1, slots=0, max_len=8)
+
+
+def test_engine_versions_parse_and_gate():
+    from exq.errors import ExqError
+    from exq.integrations.versions import parse_version, require_version
+
+    assert parse_version("0.5.23rc1") == (0, 5, 23)
+    assert parse_version("0.33.0+cu130") == (0, 33, 0)
+    assert parse_version("1.2.dev3") == (1, 2)
+    require_version("X", "0.5.23rc1", ((0, 5, 20), (0, 6, 0)))
+    with pytest.raises(ExqError, match=r"(?s)X 0\.6\.1 is not supported.*< 0\.6\.0"):
+        require_version("X", "0.6.1", ((0, 5, 20), (0, 6, 0)))

@@ -9,30 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from exq.errors import ExqError
+from exq.integrations.versions import require_version
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ((0, 5, 20), (0, 6, 0))  # [low, high): the seams used here, checked against 0.5.23
 
 
-def parse_version(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.split("."):
-        digits = "".join(c for c in p if c.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_version(version: str) -> None:
-    low, high = SUPPORTED
-    if not low <= parse_version(version) < high:
-        raise ExqError(
-            f"SGLang {version} is not supported by exq's plugin",
-            f"use SGLang >= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}",
-        )
+    require_version("SGLang", version, SUPPORTED)
 
 
 def register() -> None:

@@ -6,19 +6,13 @@ wherever a model is built; it must be idempotent.
 
 from __future__ import annotations
 
-from exq.errors import ExqError
-from exq.integrations.sglang import parse_version
+from exq.integrations.versions import require_version
 
 SUPPORTED = ((0, 33, 0), (0, 34, 0))  # [low, high): vLLM 0.33 introduced the MoE layer this plugin targets
 
 
 def check_version(version: str) -> None:
-    low, high = SUPPORTED
-    if not low <= parse_version(version) < high:
-        raise ExqError(
-            f"vLLM {version} is not supported by exq's plugin",
-            f"use vLLM >= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}",
-        )
+    require_version("vLLM", version, SUPPORTED)
 
 
 def register() -> None:
