@@ -6,8 +6,8 @@
 Per (shape, plan, T): the tuned table's configuration (when it has the cell), the tensor-core GEMV configs at decode
 sizes and a few tensor-core row blocks beyond, plus the default rule (`exq_default_us`), each timed as `exq bench
 kernels` times it (CUDA graph over 8 layers' weights, median of the replays, floors measured in the same run). The
-output has the bench format, so `benchmarks/kernel_table.py` reads it. SGLang is not run (use `exq bench kernels`
-for the baselines); this is for before / after work on exq's own kernels within a short device budget.
+output has the bench format, so `benchmarks/kernel_table.py` reads it. With --sglang-wheel SGLang's default and
+tuned int4 configs are timed in the same run, as `exq bench kernels` does; this is the short-budget version of it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ BY_TOKENS = {  # the rows per expert decide; these are the configs that won or c
     256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3),
           G(64, 128, 128, 4, 3)],
     1024: [G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3), G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3)],
-    4096: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), G(128, 128, 128, 8, 3)],  # not run yet
+    4096: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), G(128, 128, 128, 8, 3)],
 }  # fmt: skip
 
 
@@ -66,9 +66,10 @@ def main() -> None:
     ap.add_argument("--plans", nargs="+", choices=list(PLANS), default=["int4", "mixed"])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--output", type=Path, default=Path("runs/bench/kernel_sweep.json"))
+    ap.add_argument("--sglang-wheel", default=None, help="time SGLang's Triton int4 path too (default + tuned)")
     a = ap.parse_args()
     table = packaged_tables().get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    run(a.shapes, a.tokens, 8, a.reps, None, a.output, tuple(a.plans), candidates(table))
+    run(a.shapes, a.tokens, 8, a.reps, a.sglang_wheel, a.output, tuple(a.plans), candidates(table))
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def test_expert_parallel_ids_contribute_nothing():
 
 def test_default_rule_picks_a_path_per_layer_kind():
     """Without a planned config: the CUDA-core GEMV for int4 layers at decode, the tensor-core GEMV once bf16 /
-    int8 experts are in the layer, GEMM row blocks for all-bf16 layers and for more pairs than experts."""
+    int8 experts are in the layer (all-bf16 layers too), GEMM row blocks for more pairs than experts."""
     from exq.kernels.moe_op import default_config, kernel_blocks
 
     blocks = {
@@ -238,7 +238,8 @@ def test_default_rule_picks_a_path_per_layer_kind():
     }
     assert default_config(8, 8, blocks["int4"]) == GemvConfig(64, 2, 4, 2)
     assert default_config(8, 8, blocks["mixed"]).mma
-    assert isinstance(default_config(8, 8, blocks["bf16"]), GemmConfig)
+    assert default_config(8, 8, blocks["bf16"]).mma
+    assert isinstance(default_config(9, 8, blocks["bf16"]), GemmConfig)
     assert default_config(9, 8, blocks["int4"]).block_m == 16
     assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 64
 

@@ -84,9 +84,10 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     """A fixed rule until the compiler's per-layer table (pass D) names one: the GEMV path while experts see about
     one token each, small row blocks while they see a few, bigger tensor-core tiles once they are many."""
     per_expert = pairs / max(1, num_experts)
-    # measured on H100 (docs/perf-notes.md, v6, v9): the CUDA-core GEMV wins for int4 layers up to ~E pairs; for
-    # layers with bf16 / int8 experts the tensor-core GEMV does (1.7x the 16-row GEMM at T = 1, mixed plan)
-    if pairs <= num_experts and block.in_features % 128 == 0 and block.present != {"bf16"}:
+    # measured on H100 (docs/perf-notes.md, v6, v9, v10): the CUDA-core GEMV wins for int4 layers up to ~E pairs;
+    # for layers with bf16 / int8 experts the tensor-core GEMV does (1.7x the 16-row GEMM at T = 1, mixed plan;
+    # 1.14-1.17x for all-bf16 layers)
+    if pairs <= num_experts and block.in_features % 128 == 0:
         if block.present <= {"int4", "int4-asym"}:
             return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
         return GemvConfig(64, 1, 4, 4, mma=True)
