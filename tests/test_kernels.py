@@ -292,3 +292,19 @@ def test_bench_without_a_gpu_says_so(capsys, tmp_path, monkeypatch):
     assert main(["bench", "kernels", "--layers", "4"]) != 0
     assert "at least 8" in capsys.readouterr().err
     assert not (tmp_path / "k.json").exists()
+
+
+def test_sglang_wheel_that_is_not_one_is_named(tmp_path):
+    import zipfile
+
+    from exq.bench import sglang_ref
+
+    with pytest.raises(ExqError, match="no sglang wheel at"):
+        sglang_ref.load(tmp_path / "missing.whl")
+    (tmp_path / "text.whl").write_text("not a zip")
+    with pytest.raises(ExqError, match="not a wheel"):
+        sglang_ref.load(tmp_path / "text.whl")
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as z:
+        z.writestr("other/__init__.py", "")
+    with pytest.raises(ExqError, match=r"fused_moe_triton_kernels\.py"):
+        sglang_ref.load(tmp_path / "other.whl")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from exq.errors import ExqError
+
 KERNEL_MODULE = "sglang/kernels/ops/moe/fused_moe_triton_kernels.py"
 CONFIG_MODULE = "sglang/srt/layers/moe/moe_runner/triton_utils/fused_moe_triton_config.py"
 
@@ -28,14 +30,25 @@ def _functions(source: str, names: set[str]) -> str:
     keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
     missing = names - {n.name for n in keep}
     if missing:
-        raise RuntimeError(f"the sglang wheel has no {', '.join(sorted(missing))}; its layout changed")
+        raise ExqError(f"the sglang wheel has no {', '.join(sorted(missing))}; its layout changed", _FIX)
     return "\n\n".join(ast.get_source_segment(source, n, padded=False) for n in keep)
 
 
+_FIX = "pass a wheel from `pip download sglang==0.5.23 --no-deps` (the version the benchmark was written against)"
+
+
 def load(wheel: str | Path) -> types.SimpleNamespace:
-    with zipfile.ZipFile(wheel) as z:
-        kernels = z.read(KERNEL_MODULE).decode()
-        config = z.read(CONFIG_MODULE).decode()
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            missing = [m for m in (KERNEL_MODULE, CONFIG_MODULE) if m not in z.namelist()]
+            if missing:
+                raise ExqError(f"{wheel} has no {', '.join(missing)}: not an sglang wheel of a known layout", _FIX)
+            kernels = z.read(KERNEL_MODULE).decode()
+            config = z.read(CONFIG_MODULE).decode()
+    except FileNotFoundError:
+        raise ExqError(f"no sglang wheel at {wheel}", _FIX) from None
+    except zipfile.BadZipFile:
+        raise ExqError(f"{wheel} is not a wheel (not a zip archive)", _FIX) from None
     # ast drops decorators from get_source_segment of the def line; re-apply triton.jit to the kernels
     src = _functions(kernels, {"write_zeros_to_output", "fused_moe_kernel_gptq_awq"})
     src = src.replace("def write_zeros_to_output", "@triton.jit\ndef write_zeros_to_output")

@@ -161,9 +161,8 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-SMALL_LIMIT = (
-    1 << 15
-)  # pairs x experts for the one-program kernel (its one-hot cumsum needs 4 bytes each of shared memory)
+# pairs x experts for the one-program kernel (its one-hot cumsum needs 4 bytes each of shared memory)
+SMALL_LIMIT = 1 << 15
 
 
 def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: int = 64) -> Dispatch:
