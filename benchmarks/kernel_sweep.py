@@ -20,9 +20,17 @@ from exq.kernels.configs import GemmConfig as G
 from exq.kernels.configs import GemvConfig
 
 MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1))]
+
+
+def _inline(c: G) -> G:
+    return G(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, inline_dispatch=True)
+
+
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
-    16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), MMA[3], MMA[2]],
-    64: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3)],
+    16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)),
+         MMA[3], MMA[2]],
+    64: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
+         _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)), _inline(G(32, 64, 128, 4, 3))],
     256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3),
           G(64, 128, 128, 4, 3)],
     1024: [G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3), G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3)],
@@ -47,7 +55,8 @@ def candidates(table: dict | None):
         fits = [
             c
             for c in out
-            if not isinstance(c, GemvConfig) or (h % (128 * c.split_k) == 0 and i % (128 * c.split_k) == 0)
+            if not isinstance(c, GemvConfig)
+            or (h % (128 * c.split_k * c.groups_per_step) == 0 and i % (128 * c.split_k * c.groups_per_step) == 0)
         ]
         return list(dict.fromkeys(fits))
 

@@ -111,6 +111,31 @@ def test_fused_moe_matches_torch(shares, dtype, tokens, config):
         assert len(set(ids.flatten().tolist())) < experts  # some experts received no token
 
 
+@pytest.mark.parametrize("block_m,dtype", [(16, torch.bfloat16), (32, torch.float16)])
+def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, monkeypatch):
+    """Programs per expert rank their own pairs in topk_ids: an expert with several row blocks, foreign ids, and
+    the same bits as the dispatched path (same rows in the same blocks); past the size limit the op dispatches."""
+    from exq.kernels import configs
+
+    experts, hidden, inter, k = 8, 256, 128, 2
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=2), device=DEVICE, seed=6)
+    x, w, ids = routing(40, experts, k, 5, hidden, dtype)
+    ids[:, 1] = torch.where(ids[:, 1] == 3, ids[:, 0], ids[:, 1])
+    ids[:, 0] = 3  # expert 3 in every token: 40 rows
+    assert bool((ids[:, 0] != ids[:, 1]).all())
+    cfg = GemmConfig(block_m, 64, 128, 4, 2, inline_dispatch=True)
+    out = fused_moe(x, w, ids, mod, config=cfg)
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+    assert torch.equal(out, fused_moe(x, w, ids, mod, config=GemmConfig(block_m, 64, 128, 4, 2)))
+    foreign = ids.clone()
+    foreign[::2, 1] = -1
+    got = fused_moe(x, w, foreign, mod, config=cfg, expert_parallel=True)
+    assert torch.equal(got, fused_moe(x, w, foreign, mod, config=GemmConfig(block_m, 64, 128, 4, 2),
+                                      expert_parallel=True))  # fmt: skip
+    monkeypatch.setattr(configs, "INLINE_DISPATCH_PAIRS", 16)
+    assert torch.equal(fused_moe(x, w, ids, mod, config=cfg), out)
+
+
 @pytest.mark.parametrize(
     "dtype,split,mma", [(torch.bfloat16, 2, False), (torch.float16, 2, False), (torch.bfloat16, 2, True)]
 )
@@ -241,6 +266,7 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert default_config(8, 8, blocks["bf16"]).mma
     assert isinstance(default_config(9, 8, blocks["bf16"]), GemmConfig)
     assert default_config(9, 8, blocks["int4"]).block_m == 16
+    assert default_config(9, 8, blocks["int4"]).inline_dispatch  # v11: no dispatch launch at small sizes
     assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 64
 
 

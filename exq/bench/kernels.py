@@ -162,9 +162,12 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     """The configurations a sweep times for one cell: tensor-core row blocks that fit the rows per expert, and at
     decode sizes the GEMV paths (CUDA-core GEMV for int4 only: with bf16 / int8 experts it is far slower)."""
     from exq.kernels import GemmConfig, GemvConfig
+    from exq.kernels.configs import INLINE_DISPATCH_PAIRS
 
     e, h, i, k = shape
     out = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
+    if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
+        out += [GemmConfig(*c, inline_dispatch=True) for c in OUR_CONFIGS if c[0] <= 32 and _fits(c[0], tokens * k, e)]
     if tokens * k <= 4 * e:
         ok = [c for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0]
         out += [GemvConfig(*c) for c in ok if plan == "int4" or c[5]]

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 # format name -> the code the kernels branch on (moe_op.KernelBlock.fmt)
 KERNEL_FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "int4-asym": 3}
 
+# GemmConfig.inline_dispatch applies up to this many (token, slot) pairs, the op dispatches as usual beyond: each
+# program reads all the ids, so its prologue grows with them (measured a wash at 512 pairs, a gain at <= 256)
+INLINE_DISPATCH_PAIRS = 1024
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -15,6 +19,7 @@ class GemmConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    inline_dispatch: bool = False  # each program finds its pairs in topk_ids: no dispatch launch (<= 1024 pairs)
 
     def as_dict(self) -> dict:
         return dict(vars(self))

@@ -157,7 +157,7 @@ if triton is not None:
         tl.store(sorted_ptr + dest, p, mask=valid)
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -168,7 +168,7 @@ SMALL_LIMIT = 1 << 15
 def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: int = 64) -> Dispatch:
     """Any size in three launches (count per chunk, plan, scatter), where the torch path takes ~35 small ones."""
     p = topk_ids.numel()
-    ep = _pow2(max(experts, 16))
+    ep = next_pow2(max(experts, 16))
     nch = -(-p // chunk)
     nb = max_blocks(p, experts, block_m)
     dev = topk_ids.device
@@ -188,7 +188,7 @@ def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: 
 def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
     """One kernel launch for decode-sized batches (what dominates at 1-64 tokens), three beyond."""
     p = topk_ids.numel()
-    pp, ep = _pow2(max(p, 16)), _pow2(experts + 1)
+    pp, ep = next_pow2(max(p, 16)), next_pow2(experts + 1)
     if triton is None or not (topk_ids.is_cuda or interpreting()):
         return dispatch_torch(topk_ids, experts, block_m)
     if pp * ep > SMALL_LIMIT:
@@ -206,8 +206,8 @@ def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
         BLOCK_M=block_m,
         PP=pp,
         EP=ep,
-        NBP=_pow2(nb),
-        SP=_pow2(nb * block_m),
+        NBP=next_pow2(nb),
+        SP=next_pow2(nb * block_m),
         num_warps=8,
     )
     return Dispatch(sorted_pairs, block_expert, block_m)

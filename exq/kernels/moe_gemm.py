@@ -218,7 +218,7 @@ def _out_columns(pid_n, N: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
 
 @triton.jit
 def moe_gemm_kernel(
-    a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, fmt_ptr, slot_ptr,
+    a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, ids_ptr, fmt_ptr, slot_ptr,
     w16, w8, s8, w4, s4, wa, sa, za,
     P, E, stride_am, stride_cm,
     N: tl.constexpr, K: tl.constexpr,
@@ -226,18 +226,57 @@ def moe_gemm_kernel(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
+    ROUTE_PP: tl.constexpr = 0,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
     A rows are pair // A_DIV (A_DIV = top_k reads the token's hidden state; 1 reads the pair's own row). GATED
     tiles hold BN / 2 gate rows and the BN / 2 matching up rows, so one K loop streams both.
+
+    ROUTE_PP = 0: program (row block, column tile) of the dispatch. ROUTE_PP > 0 (a power of two >= P): no
+    dispatch launch; program (expert, column tile) finds its pairs in topk_ids itself (a rank by prefix sum over
+    the P ids, the order of a stable sort) and walks them BM rows at a time; sorted_ptr is then [E, ROUTE_PP]
+    scratch.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= E:
-        return
-    pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
+    if ROUTE_PP > 0:
+        # this expert's pairs in stable order, compacted through scratch rows [E, ROUTE_PP] (sorted_ptr): every
+        # column tile of the expert writes the same values, and reads back only what its own threads wrote
+        q = tl.arange(0, ROUTE_PP)
+        mine = (tl.load(ids_ptr + q, mask=q < P, other=-1) == pid_m).to(tl.int32)
+        count = tl.sum(mine, axis=0)
+        row = sorted_ptr + pid_m * ROUTE_PP
+        tl.store(row + tl.cumsum(mine, axis=0) - 1, q, mask=mine > 0)
+        tl.debug_barrier()  # the stores above land before any thread reads the row back
+        j = tl.arange(0, BM)
+        for r0 in range(0, count, BM):
+            pairs = tl.load(row + r0 + j, mask=r0 + j < count, other=P)
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+                       pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+    else:
+        e = tl.load(block_expert_ptr + pid_m)
+        if e < E:
+            pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+                       pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+
+
+@triton.jit
+def _row_block(
+    a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+    pairs, e, pid_n, P, stride_am, stride_cm,
+    N: tl.constexpr, K: tl.constexpr,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """One [BM, BN] output tile of expert e for these pairs (P = an empty row)."""
     pmask = pairs < P
     a_rows = (pairs // A_DIV).to(tl.int64)
     fmt = tl.load(fmt_ptr + e)

@@ -42,7 +42,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     kind = d.get("kind")
-    args = {k: bool(v) if k == "mma" else int(v) for k, v in d.items() if k != "kind"}
+    args = {k: bool(v) if k in ("mma", "inline_dispatch") else int(v) for k, v in d.items() if k != "kind"}
     if kind == "gemv":
         return GemvConfig(**args)
     if kind == "gemm":
