@@ -106,7 +106,10 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (16, 32, 128, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 128, 4, 3),
+    (16, 128, 128, 4, 4),  # v11: T = 64 with the inline dispatch (qwen3, mixed plans)
+    (16, 64, 128, 4, 5),
     (32, 64, 128, 4, 3),
+    (32, 128, 128, 4, 3),  # v11: the best at T = 256 on olmoe and DeepSeek
     (64, 64, 128, 4, 3),
     (64, 128, 128, 4, 3),  # v9: the best from T = 256 on
     (64, 128, 64, 8, 3),

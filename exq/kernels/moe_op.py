@@ -95,8 +95,10 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
         return GemmConfig(16, 64, 128, 4, 4, inline_dispatch=True)
-    if per_expert <= 32:
-        return GemmConfig(16, 128, 128, 4, 3, inline_dispatch=True)
+    if per_expert <= 16:
+        return GemmConfig(16, 128, 128, 4, 4, inline_dispatch=True)
+    if per_expert <= 48:  # v11: 32-row blocks at T = 256 (olmoe, DeepSeek: 1.02-1.10x the 16- and 64-row ones)
+        return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=True)
     return GemmConfig(64, 128, 128, 4, 3)  # v9: 1.2-1.5x the 8-warp BK 64 tile at T = 1024
 
 
