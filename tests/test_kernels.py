@@ -320,6 +320,31 @@ def test_bench_without_a_gpu_says_so(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "k.json").exists()
 
 
+def test_bench_sweep_skips_a_tile_the_gpu_cannot_hold(monkeypatch):
+    """A candidate that does not fit (shared memory) is recorded as skipped; the sweep goes on with the rest."""
+    from triton.runtime.errors import OutOfResources
+
+    import exq.bench.kernels as bk
+    import exq.kernels as ek
+
+    def fake_op(x, w, ids, mod, config=None):
+        if config is not None and config.block_m == 128:
+            raise OutOfResources(245760, 232448, "shared memory")
+        return x
+
+    timings = iter([30.0, 20.0, 25.0])  # default rule, then the two tiles that fit
+    monkeypatch.setattr(ek, "fused_moe", fake_op)
+    monkeypatch.setattr(bk, "graph_time_us", lambda step, layers, reps: step(0) is None or next(timings))
+    mods = [random_experts(4, 128, 128, ["int4"] * 4, seed=s) for s in range(2)]
+    x, w, ids = routing(3, 4, 2, 0, 128, torch.bfloat16)
+    routes = [(w.cpu(), ids.cpu().to(torch.int32))] * 2
+    cands = [GemmConfig(16, 64, 128), GemmConfig(128, 128, 128, 8, 3), GemmConfig(32, 64, 128)]
+    row = bk.bench_layer(x.cpu(), routes, mods, "int4", (4, 128, 128, 2), 2, 3, None, bk.Floors(1e12, 1e15), cands)
+    assert list(row["exq_skipped"]) == ["GemmConfig(128, 128, 128, 8, 3, False)"]
+    assert "shared memory" in row["exq_skipped"]["GemmConfig(128, 128, 128, 8, 3, False)"]
+    assert row["exq_us"] == 20.0 and row["exq_config"] == "GemmConfig(16, 64, 128, 4, 3, False)"
+
+
 def test_sglang_wheel_that_is_not_one_is_named(tmp_path):
     import zipfile
 

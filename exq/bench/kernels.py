@@ -216,9 +216,16 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
     row["exq_default_us"] = ours(None)
     best = (row["exq_default_us"], None)
     row["exq_sweep"] = {}  # every candidate's time, to see how far the runners-up are
+    from triton.runtime.errors import OutOfResources
+
     for cfg in candidates:
-        us = ours(cfg)
-        row["exq_sweep"][type(cfg).__name__ + str(tuple(cfg.as_dict().values()))] = us
+        name = type(cfg).__name__ + str(tuple(cfg.as_dict().values()))
+        try:  # raised at the eager warm-up launch, before any graph capture
+            us = ours(cfg)
+        except OutOfResources as err:  # a tile too big for this GPU (e.g. shared memory with bf16 experts)
+            row.setdefault("exq_skipped", {})[name] = str(err).split(".")[0]
+            continue
+        row["exq_sweep"][name] = us
         best = min(best, (us, cfg), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (
         best[0],
