@@ -1,6 +1,7 @@
 """Triton GEMMs of a mixed-precision MoE layer: every expert of one layer in its own format, in one launch.
 
-Each program computes a [BLOCK_M, BLOCK_N] tile for one row block of the dispatch (all rows use one expert); it reads
+Each program computes a [BLOCK_M, BLOCK_N] tile for one row block of the dispatch (all rows use one expert), or with
+the inline dispatch the tiles of one expert's row blocks, found in topk_ids by the program itself; it reads
 that expert's format code and slot, and streams the weights from the slab of that format, exactly as the checkpoint
 stores them (`exq.formats`): bf16 [n, out, in]; int8 codes [n, out, in] (code - 128) with one fp16 scale per output
 row; int4 codes [n, out, in / 2], element 2j in the low nibble of byte j, one fp16 scale (and for int4-asym a uint8
