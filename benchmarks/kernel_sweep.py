@@ -13,6 +13,7 @@ tuned int4 configs are timed in the same run, as `exq bench kernels` does; this 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from exq.bench import PLANS, SHAPES
@@ -23,7 +24,7 @@ MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (6
 
 
 def _inline(c: G) -> G:
-    return G(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, inline_dispatch=True)
+    return replace(c, inline_dispatch=True)
 
 
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep

@@ -290,15 +290,17 @@ def _check_config(cfg) -> None:
         ok = (
             all(pow2(v) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps))
             and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
+            and isinstance(cfg.inline_dispatch, bool)
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
-        ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1
+        ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1 and isinstance(cfg.mma, bool)
     else:
         raise ExqError(f"config must be a GemmConfig, a GemvConfig or a (gate_up, down) pair, got {cfg!r}")
     if not ok or cfg.num_stages < 1:
         raise ExqError(
-            f"{cfg} cannot compile", "tile sizes and warps are powers of two, tiles at least 16, stages at least 1"
+            f"{cfg} cannot compile",
+            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False",
         )
 
 
