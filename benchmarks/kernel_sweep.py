@@ -27,17 +27,23 @@ def _inline(c: G) -> G:
     return replace(c, inline_dispatch=True)
 
 
+def _fold(c: G) -> G:
+    return replace(c, fold_scales=True)
+
+
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
     16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)),
          MMA[3], MMA[2]],
     64: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
          _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)), _inline(G(32, 64, 128, 4, 3)),
          _inline(G(16, 64, 128, 4, 5)), _inline(G(16, 32, 128, 4, 4)), _inline(G(16, 128, 128, 4, 4))],
-    256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3),
-          G(64, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(16, 64, 128, 4, 5), G(16, 128, 128, 4, 4),
-          G(32, 128, 128, 4, 3), G(32, 64, 128, 4, 4)],
-    1024: [G(64, 64, 128, 4, 3), G(64, 128, 64, 8, 3), G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3)],
-    4096: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), G(128, 128, 128, 8, 3)],
+    256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
+          G(16, 64, 128, 4, 4), G(16, 128, 128, 4, 4), _inline(G(32, 128, 128, 4, 3)), G(32, 128, 128, 4, 3),
+          _fold(G(64, 128, 64, 4, 3)), _fold(G(64, 128, 128, 4, 3))],
+    1024: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), _fold(G(128, 128, 64, 8, 3)), _fold(G(128, 128, 64, 8, 4)),
+           _fold(G(64, 128, 64, 4, 4)), _fold(G(128, 64, 64, 4, 3))],
+    4096: [G(64, 128, 128, 4, 3), G(128, 256, 64, 8, 3), _fold(G(128, 128, 64, 8, 3)), _fold(G(128, 128, 64, 8, 4)),
+           _fold(G(128, 256, 64, 8, 3))],
 }  # fmt: skip
 
 
@@ -55,6 +61,8 @@ def candidates(table: dict | None):
                     if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
         near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
         out += MMA if tokens <= 4 else BY_TOKENS[near]
+        if plan == "bf16":  # no int4 scales to fold: the same kernel
+            out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
         fits = [
             c
             for c in out

@@ -13,6 +13,7 @@ from exq.errors import ExqError
 from exq.kernels import GemmConfig, GemvConfig, fused_moe
 from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_torch, max_blocks
 from exq.kernels.synthetic import mixed_formats, random_experts
+from exq.kernels.tuning import parse_bench_config
 
 ALL = {"bf16": 0.25, "int8": 0.25, "int4": 0.25, "int4-asym": 0.25}
 
@@ -89,6 +90,10 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         ({"int8": 0.5, "int4-asym": 0.5}, torch.bfloat16, 2, None),
         (ALL, torch.float16, 40, GemmConfig(64, 64, 128, 4, 2)),  # row blocks of 64: nibbles re-interleaved
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2)),
+        # group scales folded into the decoded weights, one accumulator: joined nibbles, and even / odd dots
+        (ALL, torch.bfloat16, 40, GemmConfig(64, 64, 128, 4, 2, fold_scales=True)),
+        ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2, fold_scales=True)),
+        (ALL, torch.bfloat16, 420, None),  # the default rule's prefill tile: 128 rows, scales folded, 1-D grid
         # int4 A read as int32 words and int8 codes decoded by exponent bits, bf16 activations, an expert over 16 rows
         ({"int8": 0.5, "int4": 0.5}, torch.bfloat16, 17, GemmConfig(16, 128, 128, 4, 3)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
@@ -342,9 +347,10 @@ def test_bench_sweep_skips_a_tile_the_gpu_cannot_hold(monkeypatch):
     routes = [(w.cpu(), ids.cpu().to(torch.int32))] * 2
     cands = [GemmConfig(16, 64, 128), GemmConfig(128, 128, 128, 8, 3), GemmConfig(32, 64, 128)]
     row = bk.bench_layer(x.cpu(), routes, mods, "int4", (4, 128, 128, 2), 2, 3, None, bk.Floors(1e12, 1e15), cands)
-    assert list(row["exq_skipped"]) == ["GemmConfig(128, 128, 128, 8, 3, False)"]
-    assert "shared memory" in row["exq_skipped"]["GemmConfig(128, 128, 128, 8, 3, False)"]
-    assert row["exq_us"] == 20.0 and row["exq_config"] == "GemmConfig(16, 64, 128, 4, 3, False)"
+    assert list(row["exq_skipped"]) == [bk.config_name(cands[1])]
+    assert "shared memory" in row["exq_skipped"][bk.config_name(cands[1])]
+    assert row["exq_us"] == 20.0 and row["exq_config"] == bk.config_name(cands[0])
+    assert parse_bench_config(row["exq_config"]) == cands[0]  # the name reads back as the same config
 
 
 def test_sglang_wheel_that_is_not_one_is_named(tmp_path):
@@ -361,3 +367,20 @@ def test_sglang_wheel_that_is_not_one_is_named(tmp_path):
         z.writestr("other/__init__.py", "")
     with pytest.raises(ExqError, match=r"fused_moe_triton_kernels\.py"):
         sglang_ref.load(tmp_path / "other.whl")
+
+
+@pytest.mark.parametrize("group", [3, 16])  # 13 row blocks: a last group of 1, one group of all
+def test_grouped_row_block_order_gives_the_same_bits(group, monkeypatch):
+    """Experts too big for L2 take each column tile with several row blocks together (a different program order,
+    a partial last group): every tile is still computed once, exactly as in the plain order."""
+    from exq.kernels import configs
+
+    experts, hidden, inter, k = 8, 256, 128, 2
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=3), device=DEVICE, seed=7)
+    x, w, ids = routing(37, experts, k, 11, hidden, torch.bfloat16)
+    cfg = GemmConfig(16, 64, 128, 4, 2)
+    plain = fused_moe(x, w, ids, mod, config=cfg)
+    monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(configs, "GROUP_ROW_BLOCKS", group)
+    assert torch.equal(fused_moe(x, w, ids, mod, config=cfg), plain)
+    assert rel_err(plain, reference(x, w, ids, mod)) < 1e-2

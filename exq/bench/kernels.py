@@ -112,6 +112,7 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (32, 128, 128, 4, 3),  # v11: the best at T = 256 on olmoe and DeepSeek
     (64, 64, 128, 4, 3),
     (64, 128, 128, 4, 3),  # v9: the best from T = 256 on
+    (64, 128, 64, 4, 3),  # v12: with the scales folded, T = 256-512
     (64, 128, 64, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
@@ -169,6 +170,8 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
 
     e, h, i, k = shape
     out = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
+    if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
+        out += [GemmConfig(*c, fold_scales=True) for c in OUR_CONFIGS if c[0] >= 64 and _fits(c[0], tokens * k, e)]
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in OUR_CONFIGS if c[0] <= 32 and _fits(c[0], tokens * k, e)]
     if tokens * k <= 4 * e:
@@ -198,6 +201,11 @@ def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, 
     return rows
 
 
+def config_name(cfg) -> str:
+    """How a sweep names a config in its JSON (`exq.kernels.tuning.parse_bench_config` reads it back)."""
+    return type(cfg).__name__ + str(tuple(cfg.as_dict().values()))
+
+
 def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors, candidates) -> dict:
     from exq.kernels import fused_moe
 
@@ -219,7 +227,7 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
     from triton.runtime.errors import OutOfResources
 
     for cfg in candidates:
-        name = type(cfg).__name__ + str(tuple(cfg.as_dict().values()))
+        name = config_name(cfg)
         try:  # raised at the eager warm-up launch, before any graph capture
             us = ours(cfg)
         except OutOfResources as err:  # a tile too big for this GPU (e.g. shared memory with bf16 experts)
@@ -229,7 +237,7 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
         best = min(best, (us, cfg), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (
         best[0],
-        None if best[1] is None else type(best[1]).__name__ + str(tuple(best[1].as_dict().values())),
+        None if best[1] is None else config_name(best[1]),
     )
     if plan == "int4" and sgl is not None:
         row |= bench_sglang(sgl, x, routes, mods, e, h, i, k, layers, reps)

@@ -8,7 +8,8 @@ row; int4 codes [n, out, in / 2], element 2j in the low nibble of byte j, one fp
 zero point) per 128 inputs.
 
 Integer codes minus their offset are exact in bf16/fp16, so the tensor-core dot runs on raw codes and the group scale
-multiplies the fp32 partial sum once per group, not every weight. For int4, the low and high nibbles of a byte meet
+multiplies the fp32 partial sum once per group, not every weight (FOLD, for the big prefill tiles: the scale
+multiplies the decoded weights instead, so one accumulator suffices). For int4, the low and high nibbles of a byte meet
 the even and odd input columns: two dots on [BLOCK_K / 2] slices, no nibble interleaving in registers.
 
 gate_up (GATED) computes the gate and the up rows of the same columns and writes silu(gate) * up; down multiplies by
@@ -130,9 +131,14 @@ def _tile_int4(
     MAGIC_BASE: tl.constexpr,
     INTERLEAVE: tl.constexpr,
     PTX: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
     """INTERLEAVE: nibbles joined back into K order, one dot with the A tile as stored (big row blocks).
-    Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle)."""
+    Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle).
+    FOLD: the group scale (as DT) multiplies the decoded codes and the dots accumulate in place: one [BM, BN]
+    accumulator, which the 128-row prefill tiles need to stay out of local memory; the weights then carry DT's
+    rounding, as a dequantized copy would. Else the dots run on exact codes and each group's fp32 partial is
+    scaled into a second accumulator."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     half = tl.arange(0, BK // 2)
     ks = tl.arange(0, BK)
@@ -155,9 +161,17 @@ def _tile_int4(
         else:
             off = 8
         lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
+        if FOLD:  # in the dot type: an fp32 product and a conversion back cost 1.3x the instructions (sm_90 SASS)
+            sdt = scale.to(DT)[None, :]
+            lo = lo * sdt
+            hi = hi * sdt
         if INTERLEAVE:
             w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))
-            part = tl.dot(_a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT), w)
+            a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
+            if FOLD:
+                acc = tl.dot(a, w, acc)
+            else:
+                acc += tl.dot(a, w) * scale.to(tl.float32)[None, :]
         else:
             # A as int32 words (two columns each), split by bit operations: 16-byte loads the pipeliner can run
             # ahead, instead of two stride-2 loads of 2-byte elements that each step waited for
@@ -166,8 +180,10 @@ def _tile_int4(
             adt = a_ptr.dtype.element_ty
             a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
             a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
-            part = tl.dot(a_odd, hi, tl.dot(a_even, lo))
-        acc += part * scale.to(tl.float32)[None, :]
+            if FOLD:
+                acc = tl.dot(a_odd, hi, tl.dot(a_even, lo, acc))
+            else:
+                acc += tl.dot(a_odd, hi, tl.dot(a_even, lo)) * scale.to(tl.float32)[None, :]
     return acc
 
 
@@ -178,6 +194,7 @@ def _expert_tile(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):  # fmt: skip
     """[BM, BN] fp32 = A rows x W[rows, k_lo : k_lo + KS]^T for one expert, whatever its format (formats absent
     compile away)."""
@@ -193,11 +210,11 @@ def _expert_tile(
     if HAS_INT4:
         if fmt == 2:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, k_lo, KS, False,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if HAS_INT4_ASYM:
         if fmt == 3:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, k_lo, KS, True,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     return acc
 
 
@@ -227,7 +244,7 @@ def moe_gemm_kernel(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    ROUTE_PP: tl.constexpr = 0,
+    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -239,8 +256,23 @@ def moe_gemm_kernel(
     the P ids, the order of a stable sort) and walks them BM rows at a time; sorted_ptr is then [E, ROUTE_PP]
     scratch.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # v12: a 1-D grid, column tiles fastest. The tiles of one row block (of one expert, inline) run together: its A
+    # rows come from HBM once and then from L2 (T = 4096: down's A is 67 MB for olmoe, re-read per column tile in
+    # the row-block-major order: 1283.6 -> 1151.9 us), and the weight rows stream in address order (T = 16-64:
+    # 4-7 % faster)
+    # GROUP > 1 (experts too big to stay in L2 while one row block walks its tiles): GROUP row blocks take each
+    # column tile together, so a weight tile is read once from HBM for all of them
+    n_tiles: tl.constexpr = (N // 2 + BN // 2 - 1) // (BN // 2) if GATED else (N + BN - 1) // BN
+    pid = tl.program_id(0)
+    if GROUP == 1:
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+    else:
+        first = (pid // (GROUP * n_tiles)) * GROUP
+        size = tl.minimum(tl.num_programs(0) // n_tiles - first, GROUP)
+        r = pid % (GROUP * n_tiles)
+        pid_m = first + r % size
+        pid_n = r // size
     if ROUTE_PP > 0:
         # this expert's pairs in stable order, compacted through scratch rows [E, ROUTE_PP] (sorted_ptr): every
         # column tile of the expert writes the same values, and reads back only what its own threads wrote
@@ -256,7 +288,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
@@ -264,7 +296,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
 
 
 @triton.jit
@@ -276,6 +308,7 @@ def _row_block(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile of expert e for these pairs (P = an empty row)."""
     pmask = pairs < P
@@ -286,7 +319,7 @@ def _row_block(
     acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
                        w16, w8, s8, w4, s4, wa, sa, za,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
         out = gate * tl.sigmoid(gate) * up
