@@ -94,6 +94,9 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 40, GemmConfig(64, 64, 128, 4, 2, fold_scales=True)),
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2, fold_scales=True)),
         (ALL, torch.bfloat16, 420, None),  # the default rule's prefill tile: 128 rows, scales folded, 1-D grid
+        # the swapped tile (weights first, tokens second): every format, both activation dtypes, half-group K steps
+        (ALL, torch.bfloat16, 21, GemmConfig(16, 64, 128, 4, 2, swap_ab=True)),
+        (ALL, torch.float16, 33, GemmConfig(32, 64, 64, 4, 2, inline_dispatch=True, swap_ab=True)),
         # int4 A read as int32 words and int8 codes decoded by exponent bits, bf16 activations, an expert over 16 rows
         ({"int8": 0.5, "int4": 0.5}, torch.bfloat16, 17, GemmConfig(16, 128, 128, 4, 3)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
@@ -116,8 +119,9 @@ def test_fused_moe_matches_torch(shares, dtype, tokens, config):
         assert len(set(ids.flatten().tolist())) < experts  # some experts received no token
 
 
-@pytest.mark.parametrize("block_m,dtype", [(16, torch.bfloat16), (32, torch.float16)])
-def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, monkeypatch):
+@pytest.mark.parametrize("block_m,dtype,swap", [(16, torch.bfloat16, False), (32, torch.float16, False),
+                                                (16, torch.bfloat16, True)])  # fmt: skip
+def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, swap, monkeypatch):
     """Programs per expert rank their own pairs in topk_ids: an expert with several row blocks, foreign ids, and
     the same bits as the dispatched path (same rows in the same blocks); past the size limit the op dispatches."""
     from exq.kernels import configs
@@ -128,15 +132,15 @@ def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, m
     ids[:, 1] = torch.where(ids[:, 1] == 3, ids[:, 0], ids[:, 1])
     ids[:, 0] = 3  # expert 3 in every token: 40 rows
     assert bool((ids[:, 0] != ids[:, 1]).all())
-    cfg = GemmConfig(block_m, 64, 128, 4, 2, inline_dispatch=True)
+    cfg = GemmConfig(block_m, 64, 128, 4, 2, inline_dispatch=True, swap_ab=swap)
+    plain = GemmConfig(block_m, 64, 128, 4, 2, swap_ab=swap)
     out = fused_moe(x, w, ids, mod, config=cfg)
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
-    assert torch.equal(out, fused_moe(x, w, ids, mod, config=GemmConfig(block_m, 64, 128, 4, 2)))
+    assert torch.equal(out, fused_moe(x, w, ids, mod, config=plain))
     foreign = ids.clone()
     foreign[::2, 1] = -1
     got = fused_moe(x, w, foreign, mod, config=cfg, expert_parallel=True)
-    assert torch.equal(got, fused_moe(x, w, foreign, mod, config=GemmConfig(block_m, 64, 128, 4, 2),
-                                      expert_parallel=True))  # fmt: skip
+    assert torch.equal(got, fused_moe(x, w, foreign, mod, config=plain, expert_parallel=True))
     monkeypatch.setattr(configs, "INLINE_DISPATCH_PAIRS", 16)
     assert torch.equal(fused_moe(x, w, ids, mod, config=cfg), out)
 
@@ -384,3 +388,22 @@ def test_grouped_row_block_order_gives_the_same_bits(group, monkeypatch):
     monkeypatch.setattr(configs, "GROUP_ROW_BLOCKS", group)
     assert torch.equal(fused_moe(x, w, ids, mod, config=cfg), plain)
     assert rel_err(plain, reference(x, w, ids, mod)) < 1e-2
+
+
+def test_bench_candidates_are_valid_and_cover_each_tile_kind():
+    """Every config `exq bench kernels` sweeps passes the op's validation, and each regime gets its tile kinds:
+    swapped small tiles at decode sizes, folded big tiles at prefill (never for all-bf16 layers)."""
+    from exq.bench import SHAPES
+    from exq.bench.kernels import default_candidates
+    from exq.kernels.moe_op import _check_config
+
+    for plan in ("int4", "mixed", "bf16"):
+        for t in (1, 4, 16, 64, 256, 1024, 4096):
+            cands = default_candidates(plan, t, SHAPES["olmoe-1b-7b"])
+            assert cands and len(set(cands)) == len(cands)
+            for c in cands:
+                _check_config(c)
+            big = [c for c in cands if isinstance(c, GemmConfig) and c.fold_scales]
+            assert (plan != "bf16" and t >= 1024) <= bool(big) and (plan != "bf16" or not big)
+            if t in (16, 64):
+                assert any(isinstance(c, GemmConfig) and c.swap_ab and c.inline_dispatch for c in cands)

@@ -188,6 +188,90 @@ def _tile_int4(
 
 
 @triton.jit
+def _tile_dense_t(
+    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
+    INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
+    """`_tile_dense` with the operands swapped: [BN, BM] = W[rows] x A^T."""
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    base = w_ptr + slot * N * K + rows[:, None].to(tl.int64) * K
+    ks = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + (k0 + ks)[:, None], mask=a_mask[None, :], other=0.0)
+        w = tl.load(base + (k0 + ks)[None, :])
+        if INT8:
+            w = ((w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(DT)
+        acc = tl.dot(w.to(DT), a_t.to(DT), acc)
+    if INT8:
+        acc = acc * tl.load(s_ptr + slot * N + rows).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _tile_int4_t(
+    a32_ptr, a_rows, a_mask, w_ptr, s_ptr, z_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
+    ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """`_tile_int4` with the operands swapped: [BN, BM] = W[rows] x A^T. The decoded weights are the dot's first
+    operand, which the sm_90 tensor-core instruction takes from registers: no shared-memory round trip for them
+    (sm_90 probe, 16 rows, BN 64: register-A `HGMMA.64x16x16`, 79 registers where the unswapped tile takes 104 and
+    runs the older `HMMA.16816`). Not yet timed on a GPU (perf-notes, "What limits v12")."""
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    half = tl.arange(0, BK // 2)
+    groups: tl.constexpr = K // 128
+    base = w_ptr + slot * (N * K // 2) + rows[:, None].to(tl.int64) * (K // 2)
+    sbase = slot * (N * groups) + rows.to(tl.int64) * groups
+    scale_next = tl.load(s_ptr + sbase)
+    zero_next = tl.load(z_ptr + sbase) if ASYM else scale_next
+    for k0 in range(0, K, BK):
+        b = tl.load(base + (k0 // 2 + half)[None, :])  # [BN, BK/2] uint8
+        scale, zero = scale_next, zero_next
+        g_next = tl.minimum((k0 + BK) // 128, groups - 1)
+        scale_next = tl.load(s_ptr + sbase + g_next)
+        if ASYM:
+            zero_next = tl.load(z_ptr + sbase + g_next)
+            off = zero.to(tl.int32)[:, None]
+        else:
+            off = 8
+        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
+        words = tl.load(a32_ptr + a_rows[None, :] * (K // 2) + (k0 // 2 + half)[:, None], mask=a_mask[None, :],
+                        other=0)  # fmt: skip
+        a_even = (words & 0xFFFF).to(tl.uint16).to(ADT, bitcast=True).to(DT)
+        a_odd = (words >> 16).to(tl.uint16).to(ADT, bitcast=True).to(DT)
+        acc += tl.dot(hi, a_odd, tl.dot(lo, a_even)) * scale.to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _expert_tile_t(
+    a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr,
+    w16, w8, s8, w4, s4, wa, sa, za,
+    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """[BN, BM] fp32 = W[rows] x A rows^T for one expert, whatever its format (the swapped tile)."""
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    adt = a_ptr.dtype.element_ty
+    if HAS_BF16:
+        if fmt == 0:
+            acc = _tile_dense_t(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, False, BM, BN, BK, DT)
+    if HAS_INT8:
+        if fmt == 1:
+            acc = _tile_dense_t(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, True, BM, BN, BK, DT)
+    if HAS_INT4:
+        if fmt == 2:
+            acc = _tile_int4_t(a32_ptr, a_rows, a_mask, w4, s4, s4, slot, rows, N, K, False, BM, BN, BK, DT, adt,
+                               MAGIC_BITS, MAGIC_BASE, PTX)  # fmt: skip
+    if HAS_INT4_ASYM:
+        if fmt == 3:
+            acc = _tile_int4_t(a32_ptr, a_rows, a_mask, wa, sa, za, slot, rows, N, K, True, BM, BN, BK, DT, adt,
+                               MAGIC_BITS, MAGIC_BASE, PTX)  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _expert_tile(
     a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
     KS: tl.constexpr, w16, w8, s8, w4, s4, wa, sa, za,
@@ -244,7 +328,7 @@ def moe_gemm_kernel(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1,
+    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, SWAP: tl.constexpr = False,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -288,7 +372,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
@@ -296,7 +380,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
 
 
 @triton.jit
@@ -308,7 +392,7 @@ def _row_block(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    FOLD: tl.constexpr,
+    FOLD: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile of expert e for these pairs (P = an empty row)."""
     pmask = pairs < P
@@ -316,10 +400,16 @@ def _row_block(
     fmt = tl.load(fmt_ptr + e)
     slot = tl.load(slot_ptr + e).to(tl.int64)
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
-    acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
-                       w16, w8, s8, w4, s4, wa, sa, za,
-                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+    if SWAP:
+        acc = tl.trans(_expert_tile_t(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K,
+                                      w16, w8, s8, w4, s4, wa, sa, za,
+                                      HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                                      MAGIC_BITS, MAGIC_BASE, PTX))  # fmt: skip
+    else:
+        acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
+                           w16, w8, s8, w4, s4, wa, sa, za,
+                           HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                           MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
         out = gate * tl.sigmoid(gate) * up

@@ -144,7 +144,7 @@ def _gemm(
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx, ROUTE_PP=route_pp,
-        FOLD=cfg.fold_scales, GROUP=group,
+        FOLD=cfg.fold_scales, GROUP=group, SWAP=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -303,6 +303,7 @@ def _check_config(cfg) -> None:
             and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
             and isinstance(cfg.inline_dispatch, bool)
             and isinstance(cfg.fold_scales, bool)
+            and isinstance(cfg.swap_ab, bool)
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16

@@ -42,7 +42,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     kind = d.get("kind")
-    flags = ("mma", "inline_dispatch", "fold_scales")
+    flags = ("mma", "inline_dispatch", "fold_scales", "swap_ab")
     args = {k: bool(v) if k in flags else int(v) for k, v in d.items() if k != "kind"}
     if kind == "gemv":
         return GemvConfig(**args)
