@@ -308,6 +308,8 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=(GemmConfig(16), GemvConfig(48, 1)))
     with pytest.raises(ExqError, match="flags True / False"):
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
+    with pytest.raises(ExqError, match="swap_ab and fold_scales not both"):
+        fused_moe(x, w, ids, mod, config=GemmConfig(16, fold_scales=True, swap_ab=True))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):
         fused_moe(x, w, ids, mod, config={"block_m": 16})
     with pytest.raises(ExqError, match="groups_per_step=1"):

@@ -33,9 +33,14 @@ def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
 def _tile_dense(
     a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
     KS: tl.constexpr, INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):  # fmt: skip
-    """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end.
+    SWAP: the transposed product, [BN, BM] = W x A^T (see `_tile_int4`)."""
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
     ks = tl.arange(0, BK)
     for k0 in range(k_lo, k_lo + KS, BK):
@@ -43,9 +48,13 @@ def _tile_dense(
         w = tl.load(base + (k0 + ks)[:, None])
         if INT8:  # code - 128 via fp32 exponent bits (2^23 + code), not I2F at a quarter of the FMA rate
             w = ((w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(DT)
-        acc = tl.dot(a, w.to(DT), acc)
+        if SWAP:
+            acc = tl.dot(tl.trans(w.to(DT)), tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, w.to(DT), acc)
     if INT8:
-        acc = acc * tl.load(s_ptr + slot * N + rows).to(tl.float32)[None, :]
+        s = tl.load(s_ptr + slot * N + rows).to(tl.float32)
+        acc = acc * (s[:, None] if SWAP else s[None, :])
     return acc
 
 
@@ -132,14 +141,22 @@ def _tile_int4(
     INTERLEAVE: tl.constexpr,
     PTX: tl.constexpr,
     FOLD: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     """INTERLEAVE: nibbles joined back into K order, one dot with the A tile as stored (big row blocks).
     Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle).
     FOLD: the group scale (as DT) multiplies the decoded codes and the dots accumulate in place: one [BM, BN]
     accumulator, which the 128-row prefill tiles need to stay out of local memory; the weights then carry DT's
     rounding, as a dequantized copy would. Else the dots run on exact codes and each group's fp32 partial is
-    scaled into a second accumulator."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    scaled into a second accumulator.
+    SWAP (not with INTERLEAVE or FOLD): the transposed product, [BN, BM] = W x A^T. The decoded weights are then the
+    dot's first operand, which sm_90's tensor-core instruction takes from registers: no shared-memory round trip
+    for them (sm_90 probe, 16 rows, BN 64: register-A `HGMMA.64x16x16`, 79 registers where the unswapped tile
+    takes 104 and runs the older `HMMA.16816`). Not yet timed on a GPU (perf-notes, "What limits v12")."""
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     half = tl.arange(0, BK // 2)
     ks = tl.arange(0, BK)
     groups: tl.constexpr = K // 128
@@ -180,94 +197,13 @@ def _tile_int4(
             adt = a_ptr.dtype.element_ty
             a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
             a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
-            if FOLD:
+            if SWAP:
+                part = tl.dot(tl.trans(hi), tl.trans(a_odd), tl.dot(tl.trans(lo), tl.trans(a_even)))
+                acc += part * scale.to(tl.float32)[:, None]
+            elif FOLD:
                 acc = tl.dot(a_odd, hi, tl.dot(a_even, lo, acc))
             else:
                 acc += tl.dot(a_odd, hi, tl.dot(a_even, lo)) * scale.to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _tile_dense_t(
-    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
-    INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-):  # fmt: skip
-    """`_tile_dense` with the operands swapped: [BN, BM] = W[rows] x A^T."""
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    base = w_ptr + slot * N * K + rows[:, None].to(tl.int64) * K
-    ks = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + (k0 + ks)[:, None], mask=a_mask[None, :], other=0.0)
-        w = tl.load(base + (k0 + ks)[None, :])
-        if INT8:
-            w = ((w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(DT)
-        acc = tl.dot(w.to(DT), a_t.to(DT), acc)
-    if INT8:
-        acc = acc * tl.load(s_ptr + slot * N + rows).to(tl.float32)[:, None]
-    return acc
-
-
-@triton.jit
-def _tile_int4_t(
-    a32_ptr, a_rows, a_mask, w_ptr, s_ptr, z_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr,
-    ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr,
-    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, PTX: tl.constexpr,
-):  # fmt: skip
-    """`_tile_int4` with the operands swapped: [BN, BM] = W[rows] x A^T. The decoded weights are the dot's first
-    operand, which the sm_90 tensor-core instruction takes from registers: no shared-memory round trip for them
-    (sm_90 probe, 16 rows, BN 64: register-A `HGMMA.64x16x16`, 79 registers where the unswapped tile takes 104 and
-    runs the older `HMMA.16816`). Not yet timed on a GPU (perf-notes, "What limits v12")."""
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    half = tl.arange(0, BK // 2)
-    groups: tl.constexpr = K // 128
-    base = w_ptr + slot * (N * K // 2) + rows[:, None].to(tl.int64) * (K // 2)
-    sbase = slot * (N * groups) + rows.to(tl.int64) * groups
-    scale_next = tl.load(s_ptr + sbase)
-    zero_next = tl.load(z_ptr + sbase) if ASYM else scale_next
-    for k0 in range(0, K, BK):
-        b = tl.load(base + (k0 // 2 + half)[None, :])  # [BN, BK/2] uint8
-        scale, zero = scale_next, zero_next
-        g_next = tl.minimum((k0 + BK) // 128, groups - 1)
-        scale_next = tl.load(s_ptr + sbase + g_next)
-        if ASYM:
-            zero_next = tl.load(z_ptr + sbase + g_next)
-            off = zero.to(tl.int32)[:, None]
-        else:
-            off = 8
-        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
-        words = tl.load(a32_ptr + a_rows[None, :] * (K // 2) + (k0 // 2 + half)[:, None], mask=a_mask[None, :],
-                        other=0)  # fmt: skip
-        a_even = (words & 0xFFFF).to(tl.uint16).to(ADT, bitcast=True).to(DT)
-        a_odd = (words >> 16).to(tl.uint16).to(ADT, bitcast=True).to(DT)
-        acc += tl.dot(hi, a_odd, tl.dot(lo, a_even)) * scale.to(tl.float32)[:, None]
-    return acc
-
-
-@triton.jit
-def _expert_tile_t(
-    a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr,
-    w16, w8, s8, w4, s4, wa, sa, za,
-    HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, PTX: tl.constexpr,
-):  # fmt: skip
-    """[BN, BM] fp32 = W[rows] x A rows^T for one expert, whatever its format (the swapped tile)."""
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    adt = a_ptr.dtype.element_ty
-    if HAS_BF16:
-        if fmt == 0:
-            acc = _tile_dense_t(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, False, BM, BN, BK, DT)
-    if HAS_INT8:
-        if fmt == 1:
-            acc = _tile_dense_t(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, True, BM, BN, BK, DT)
-    if HAS_INT4:
-        if fmt == 2:
-            acc = _tile_int4_t(a32_ptr, a_rows, a_mask, w4, s4, s4, slot, rows, N, K, False, BM, BN, BK, DT, adt,
-                               MAGIC_BITS, MAGIC_BASE, PTX)  # fmt: skip
-    if HAS_INT4_ASYM:
-        if fmt == 3:
-            acc = _tile_int4_t(a32_ptr, a_rows, a_mask, wa, sa, za, slot, rows, N, K, True, BM, BN, BK, DT, adt,
-                               MAGIC_BITS, MAGIC_BASE, PTX)  # fmt: skip
     return acc
 
 
@@ -278,27 +214,30 @@ def _expert_tile(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, SWAP: tl.constexpr = False,
 ):  # fmt: skip
     """[BM, BN] fp32 = A rows x W[rows, k_lo : k_lo + KS]^T for one expert, whatever its format (formats absent
-    compile away)."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    compile away); SWAP: its transpose, computed as W x A^T."""
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_BF16:
         if fmt == 0:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, k_lo, KS, False,
-                              BM, BN, BK, DT)  # fmt: skip
+                              BM, BN, BK, DT, SWAP)  # fmt: skip
     if HAS_INT8:
         if fmt == 1:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, k_lo, KS, True,
-                              BM, BN, BK, DT)  # fmt: skip
+                              BM, BN, BK, DT, SWAP)  # fmt: skip
     if HAS_INT4:
         if fmt == 2:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, k_lo, KS, False,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
     if HAS_INT4_ASYM:
         if fmt == 3:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, k_lo, KS, True,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
     return acc
 
 
@@ -400,16 +339,12 @@ def _row_block(
     fmt = tl.load(fmt_ptr + e)
     slot = tl.load(slot_ptr + e).to(tl.int64)
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
+    acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
+                       w16, w8, s8, w4, s4, wa, sa, za,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
     if SWAP:
-        acc = tl.trans(_expert_tile_t(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K,
-                                      w16, w8, s8, w4, s4, wa, sa, za,
-                                      HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                                      MAGIC_BITS, MAGIC_BASE, PTX))  # fmt: skip
-    else:
-        acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
-                           w16, w8, s8, w4, s4, wa, sa, za,
-                           HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                           MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+        acc = tl.trans(acc)
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
         out = gate * tl.sigmoid(gate) * up

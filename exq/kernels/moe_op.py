@@ -143,7 +143,8 @@ def _gemm(
         HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
-        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx, ROUTE_PP=route_pp,
+        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64 and not cfg.swap_ab, PTX=ptx,
+        ROUTE_PP=route_pp,
         FOLD=cfg.fold_scales, GROUP=group, SWAP=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -304,6 +305,7 @@ def _check_config(cfg) -> None:
             and isinstance(cfg.inline_dispatch, bool)
             and isinstance(cfg.fold_scales, bool)
             and isinstance(cfg.swap_ab, bool)
+            and not (cfg.swap_ab and cfg.fold_scales)  # the swapped tile keeps the scales out of the weights
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
@@ -313,7 +315,8 @@ def _check_config(cfg) -> None:
     if not ok or cfg.num_stages < 1:
         raise ExqError(
             f"{cfg} cannot compile",
-            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False",
+            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False "
+            "(swap_ab and fold_scales not both)",
         )
 
 
