@@ -29,8 +29,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     inline_dispatch: bool = False  # each program finds its pairs in topk_ids: no dispatch launch (<= 1024 pairs)
-    # int4 group scales multiplied into the decoded weights (one fp32 product, one rounding to the dot type) so the
-    # dot accumulates in place: one [BM, BN] accumulator instead of two, which the big prefill tiles need
+    # int4 group scales multiplied into the decoded weights (in the dot type) so the dot accumulates in place: one
+    # [BM, BN] accumulator instead of two, which the big prefill tiles need
     fold_scales: bool = False
     # the weights as the dot's first operand (sm_90: from registers, no shared-memory round trip for the decoded
     # tile), the tokens of a row block on the second; both int4 nibble halves meet the activations' even / odd

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from exq.errors import ExqError
+from exq.formats import FORMATS
 from exq.kernels import configs
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting, next_pow2
@@ -132,8 +133,8 @@ def _gemm(
     dt, magic, ptx = _dot_types(a)
     group = 1
     if disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M:
-        width = max({"bf16": 2.0, "int8": 1.0}.get(f, 0.5) for f in block.present)
-        if block.out_features * block.in_features * width > configs.GROUP_WEIGHT_BYTES:
+        expert_bytes = max(FORMATS[f].nbytes(block.out_features, block.in_features) for f in block.present)
+        if expert_bytes > configs.GROUP_WEIGHT_BYTES:
             group = configs.GROUP_ROW_BLOCKS
     moe_gemm_kernel[grid](
         a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot,
