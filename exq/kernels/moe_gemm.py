@@ -30,6 +30,16 @@ def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
 
 
 @triton.jit
+def _acc_zeros(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    """The fp32 accumulator of a [BM, BN] tile, transposed for the swapped product."""
+    if SWAP:  # one return: the compiler rejects returns of two shapes even under a constexpr branch
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _tile_dense(
     a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
     KS: tl.constexpr, INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
@@ -37,10 +47,7 @@ def _tile_dense(
 ):  # fmt: skip
     """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end.
     SWAP: the transposed product, [BN, BM] = W x A^T (see `_tile_int4`)."""
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _acc_zeros(BM, BN, SWAP)
     base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
     ks = tl.arange(0, BK)
     for k0 in range(k_lo, k_lo + KS, BK):
@@ -153,10 +160,7 @@ def _tile_int4(
     dot's first operand, which sm_90's tensor-core instruction takes from registers: no shared-memory round trip
     for them (sm_90 probe, 16 rows, BN 64: register-A `HGMMA.64x16x16`, 79 registers where the unswapped tile
     takes 104 and runs the older `HMMA.16816`). Not yet timed on a GPU (perf-notes, "What limits v12")."""
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _acc_zeros(BM, BN, SWAP)
     half = tl.arange(0, BK // 2)
     ks = tl.arange(0, BK)
     groups: tl.constexpr = K // 128
@@ -218,10 +222,7 @@ def _expert_tile(
 ):  # fmt: skip
     """[BM, BN] fp32 = A rows x W[rows, k_lo : k_lo + KS]^T for one expert, whatever its format (formats absent
     compile away); SWAP: its transpose, computed as W x A^T."""
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _acc_zeros(BM, BN, SWAP)
     if HAS_BF16:
         if fmt == 0:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, k_lo, KS, False,

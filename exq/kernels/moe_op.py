@@ -8,6 +8,7 @@ Decode (GEMV) path: gate_up GEMV, then a down GEMV whose last program per output
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,6 +34,11 @@ class KernelBlock:
     @property
     def num_experts(self) -> int:
         return self.fmt.numel()
+
+    @cached_property
+    def max_expert_bytes(self) -> int:
+        """One expert's weight bytes in the widest format present (decides the GEMM's row-block grouping)."""
+        return max(FORMATS[f].nbytes(self.out_features, self.in_features) for f in self.present)
 
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
@@ -131,11 +137,12 @@ def _gemm(
         sorted_pairs, block_expert = disp.sorted_pairs, disp.block_expert
         ids = sorted_pairs
     dt, magic, ptx = _dot_types(a)
-    group = 1
-    if disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M:
-        expert_bytes = max(FORMATS[f].nbytes(block.out_features, block.in_features) for f in block.present)
-        if expert_bytes > configs.GROUP_WEIGHT_BYTES:
-            group = configs.GROUP_ROW_BLOCKS
+    grouped = (
+        disp is not None
+        and cfg.block_m <= configs.GROUP_MAX_BLOCK_M
+        and block.max_expert_bytes > configs.GROUP_WEIGHT_BYTES
+    )
+    group = configs.GROUP_ROW_BLOCKS if grouped else 1
     moe_gemm_kernel[grid](
         a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot,
         t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
