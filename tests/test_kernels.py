@@ -94,9 +94,6 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 40, GemmConfig(64, 64, 128, 4, 2, fold_scales=True)),
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2, fold_scales=True)),
         (ALL, torch.bfloat16, 420, None),  # the default rule's prefill tile: 128 rows, scales folded, 1-D grid
-        # the swapped tile (weights first, tokens second): every format, both activation dtypes, half-group K steps
-        (ALL, torch.bfloat16, 21, GemmConfig(16, 64, 128, 4, 2, swap_ab=True)),
-        (ALL, torch.float16, 33, GemmConfig(32, 64, 64, 4, 2, inline_dispatch=True, swap_ab=True)),
         # int4 A read as int32 words and int8 codes decoded by exponent bits, bf16 activations, an expert over 16 rows
         ({"int8": 0.5, "int4": 0.5}, torch.bfloat16, 17, GemmConfig(16, 128, 128, 4, 3)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
@@ -119,9 +116,8 @@ def test_fused_moe_matches_torch(shares, dtype, tokens, config):
         assert len(set(ids.flatten().tolist())) < experts  # some experts received no token
 
 
-@pytest.mark.parametrize("block_m,dtype,swap", [(16, torch.bfloat16, False), (32, torch.float16, False),
-                                                (16, torch.bfloat16, True)])  # fmt: skip
-def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, swap, monkeypatch):
+@pytest.mark.parametrize("block_m,dtype", [(16, torch.bfloat16), (32, torch.float16)])
+def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, monkeypatch):
     """Programs per expert rank their own pairs in topk_ids: an expert with several row blocks, foreign ids, and
     the same bits as the dispatched path (same rows in the same blocks); past the size limit the op dispatches."""
     from exq.kernels import configs
@@ -132,8 +128,8 @@ def test_inline_dispatch_walks_every_row_block_of_a_hot_expert(block_m, dtype, s
     ids[:, 1] = torch.where(ids[:, 1] == 3, ids[:, 0], ids[:, 1])
     ids[:, 0] = 3  # expert 3 in every token: 40 rows
     assert bool((ids[:, 0] != ids[:, 1]).all())
-    cfg = GemmConfig(block_m, 64, 128, 4, 2, inline_dispatch=True, swap_ab=swap)
-    plain = GemmConfig(block_m, 64, 128, 4, 2, swap_ab=swap)
+    cfg = GemmConfig(block_m, 64, 128, 4, 2, inline_dispatch=True)
+    plain = GemmConfig(block_m, 64, 128, 4, 2)
     out = fused_moe(x, w, ids, mod, config=cfg)
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
     assert torch.equal(out, fused_moe(x, w, ids, mod, config=plain))
@@ -270,13 +266,18 @@ def test_default_rule_picks_a_path_per_layer_kind():
         kind: kernel_blocks(random_experts(8, 256, 128, mixed_formats(8, shares, seed=0), device=DEVICE))[0]
         for kind, shares in (("int4", {"int4": 1.0}), ("mixed", ALL), ("bf16", {"bf16": 1.0}))
     }
-    assert default_config(8, 8, blocks["int4"]) == GemvConfig(64, 2, 4, 2)
+    assert default_config(8, 8, blocks["int4"]) == GemvConfig(64, 2, 4, 2)  # few experts: GEMV up to E pairs
     assert default_config(8, 8, blocks["mixed"]).mma
     assert default_config(8, 8, blocks["bf16"]).mma
     assert isinstance(default_config(9, 8, blocks["bf16"]), GemmConfig)
     assert default_config(9, 8, blocks["int4"]).block_m == 16
     assert default_config(9, 8, blocks["int4"]).inline_dispatch  # v11: no dispatch launch at small sizes
-    assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 64
+    assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 128  # small experts: 128-row tile from 48 rows
+    assert default_config(8 * 40, 8, blocks["mixed"]).block_m == 32
+    many = kernel_blocks(random_experts(64, 256, 128, ["int4"] * 64, device=DEVICE))[0]
+    assert isinstance(default_config(32, 64, many), GemvConfig)  # E / 2 pairs
+    assert isinstance(default_config(64, 64, many), GemmConfig)  # E pairs: the 16-row tile wins (v13)
+    assert default_config(64, 64, many).block_m == 16
 
 
 def test_errors_name_the_problem():
@@ -308,8 +309,6 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=(GemmConfig(16), GemvConfig(48, 1)))
     with pytest.raises(ExqError, match="flags True / False"):
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
-    with pytest.raises(ExqError, match="swap_ab and fold_scales not both"):
-        fused_moe(x, w, ids, mod, config=GemmConfig(16, fold_scales=True, swap_ab=True))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):
         fused_moe(x, w, ids, mod, config={"block_m": 16})
     with pytest.raises(ExqError, match="groups_per_step=1"):
@@ -394,7 +393,7 @@ def test_grouped_row_block_order_gives_the_same_bits(group, monkeypatch):
 
 def test_bench_candidates_are_valid_and_cover_each_tile_kind():
     """Every config `exq bench kernels` sweeps passes the op's validation, and each regime gets its tile kinds:
-    swapped small tiles at decode sizes, folded big tiles at prefill (never for all-bf16 layers)."""
+    inline-dispatch small tiles at decode sizes, folded big tiles at prefill (never for all-bf16 layers)."""
     from exq.bench import SHAPES
     from exq.bench.kernels import default_candidates
     from exq.kernels.moe_op import _check_config
@@ -408,4 +407,4 @@ def test_bench_candidates_are_valid_and_cover_each_tile_kind():
             big = [c for c in cands if isinstance(c, GemmConfig) and c.fold_scales]
             assert (plan != "bf16" and t >= 1024) <= bool(big) and (plan != "bf16" or not big)
             if t in (16, 64):
-                assert any(isinstance(c, GemmConfig) and c.swap_ab and c.inline_dispatch for c in cands)
+                assert any(isinstance(c, GemmConfig) and c.inline_dispatch and c.block_m == 16 for c in cands)

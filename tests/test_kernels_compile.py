@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flags)
     "decode tile, inline dispatch": ("gemm", 16, 64, 128, 4, "int4", {"ROUTE_PP": 512}),
-    "swapped, inline dispatch": ("gemm", 16, 64, 128, 4, "int4", {"ROUTE_PP": 512, "SWAP": True}),
-    "swapped, every format, grouped row blocks": ("gemm", 16, 64, 128, 4, "all", {"SWAP": True, "GROUP": 8}),
+    "decode tile, every format, grouped row blocks": ("gemm", 16, 64, 128, 4, "all", {"GROUP": 8}),
+    "32-row tile, every format, inline dispatch": ("gemm", 32, 128, 128, 4, "all", {"ROUTE_PP": 1024}),
     "prefill tile, scales folded": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True}),
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
 }
@@ -50,8 +50,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     if kind == "gemm":
         fn = moe_gemm.moe_gemm_kernel
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
-                      INTERLEAVE=bm >= 64 and not flags.get("SWAP", False), ROUTE_PP=0, FOLD=False, GROUP=1,
-                      SWAP=False)
+                      INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1)
     else:
         fn = moe_gemm.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,

@@ -56,6 +56,15 @@ def test_configs_survive_tables_and_bench_records():
     assert config_from_dict(old) == GemvConfig(32, 1) and not config_from_dict(old).mma
     with pytest.raises(FormatError):
         parse_bench_config("GemvConfig(32, 1, maybe)")
+    # the removed swapped tile: recorded off it still reads, on it is a clear error
+    inline = GemmConfig(16, 64, 128, 4, 4, True)
+    gemm = config_to_dict(inline)
+    assert config_from_dict(gemm | {"swap_ab": False}) == inline
+    assert parse_bench_config("GemmConfig(16, 64, 128, 4, 4, True, False, False)") == inline
+    with pytest.raises(FormatError, match="removed variant"):
+        config_from_dict(gemm | {"swap_ab": True})
+    with pytest.raises(FormatError, match="removed variant"):
+        parse_bench_config("GemmConfig(16, 64, 128, 4, 4, True, False, True)")
 
 
 def test_layer_class_and_fit():

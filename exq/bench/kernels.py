@@ -172,10 +172,6 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     out = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
     if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
         out += [GemmConfig(*c, fold_scales=True) for c in OUR_CONFIGS if c[0] >= 64 and _fits(c[0], tokens * k, e)]
-    # the swapped tile (weights first) for small row blocks, with the inline dispatch where it applies
-    inline = tokens * k <= INLINE_DISPATCH_PAIRS
-    out += [GemmConfig(*c, inline_dispatch=inline, swap_ab=True) for c in OUR_CONFIGS
-            if c[0] <= 32 and c[1] >= 64 and _fits(c[0], tokens * k, e)]  # fmt: skip
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in OUR_CONFIGS if c[0] <= 32 and _fits(c[0], tokens * k, e)]
     if tokens * k <= 4 * e:

@@ -32,10 +32,6 @@ class GemmConfig:
     # int4 group scales multiplied into the decoded weights (in the dot type) so the dot accumulates in place: one
     # [BM, BN] accumulator instead of two, which the big prefill tiles need
     fold_scales: bool = False
-    # the weights as the dot's first operand (sm_90: from registers, no shared-memory round trip for the decoded
-    # tile), the tokens of a row block on the second; both int4 nibble halves meet the activations' even / odd
-    # columns, so no nibble join (what sank v10's swapped tile). For small row blocks (decode)
-    swap_ab: bool = False
 
     def as_dict(self) -> dict:
         return dict(vars(self))

@@ -30,24 +30,12 @@ def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
 
 
 @triton.jit
-def _acc_zeros(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
-    """The fp32 accumulator of a [BM, BN] tile, transposed for the swapped product."""
-    if SWAP:  # one return: the compiler rejects returns of two shapes even under a constexpr branch
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def _tile_dense(
     a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
     KS: tl.constexpr, INT8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    SWAP: tl.constexpr = False,
 ):  # fmt: skip
-    """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end.
-    SWAP: the transposed product, [BN, BM] = W x A^T (see `_tile_int4`)."""
-    acc = _acc_zeros(BM, BN, SWAP)
+    """bf16 weights, or int8 codes (code - 128, exact in bf16/fp16) with one scale per output row applied at the end."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     base = w_ptr + slot * N * K + rows[None, :].to(tl.int64) * K
     ks = tl.arange(0, BK)
     for k0 in range(k_lo, k_lo + KS, BK):
@@ -55,13 +43,10 @@ def _tile_dense(
         w = tl.load(base + (k0 + ks)[:, None])
         if INT8:  # code - 128 via fp32 exponent bits (2^23 + code), not I2F at a quarter of the FMA rate
             w = ((w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(DT)
-        if SWAP:
-            acc = tl.dot(tl.trans(w.to(DT)), tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, w.to(DT), acc)
+        acc = tl.dot(a, w.to(DT), acc)
     if INT8:
         s = tl.load(s_ptr + slot * N + rows).to(tl.float32)
-        acc = acc * (s[:, None] if SWAP else s[None, :])
+        acc = acc * s[None, :]
     return acc
 
 
@@ -148,7 +133,6 @@ def _tile_int4(
     INTERLEAVE: tl.constexpr,
     PTX: tl.constexpr,
     FOLD: tl.constexpr = False,
-    SWAP: tl.constexpr = False,
 ):
     """INTERLEAVE: nibbles joined back into K order, one dot with the A tile as stored (big row blocks).
     Else two dots: low nibbles with A's even columns, high nibbles with the odd ones (no register shuffle).
@@ -156,11 +140,10 @@ def _tile_int4(
     accumulator, which the 128-row prefill tiles need to stay out of local memory; the weights then carry DT's
     rounding, as a dequantized copy would. Else the dots run on exact codes and each group's fp32 partial is
     scaled into a second accumulator.
-    SWAP (not with INTERLEAVE or FOLD): the transposed product, [BN, BM] = W x A^T. The decoded weights are then the
-    dot's first operand, which sm_90's tensor-core instruction takes from registers: no shared-memory round trip
-    for them (sm_90 probe, 16 rows, BN 64: register-A `HGMMA.64x16x16`, 79 registers where the unswapped tile
-    takes 104 and runs the older `HMMA.16816`). Not yet timed on a GPU (perf-notes, "What limits v12")."""
-    acc = _acc_zeros(BM, BN, SWAP)
+    Measured and not kept (perf-notes, v13): the swapped product W x A^T (weights as the register operand) 1.1-1.6x
+    slower; bytes pairing k and k + 64 (no join, contiguous A slices) 2-12 % slower at prefill; the two-dot form
+    at 128 rows (activations as the register operand) 2-16 % slower."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     half = tl.arange(0, BK // 2)
     ks = tl.arange(0, BK)
     groups: tl.constexpr = K // 128
@@ -201,10 +184,7 @@ def _tile_int4(
             adt = a_ptr.dtype.element_ty
             a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
             a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
-            if SWAP:
-                part = tl.dot(tl.trans(hi), tl.trans(a_odd), tl.dot(tl.trans(lo), tl.trans(a_even)))
-                acc += part * scale.to(tl.float32)[:, None]
-            elif FOLD:
+            if FOLD:
                 acc = tl.dot(a_odd, hi, tl.dot(a_even, lo, acc))
             else:
                 acc += tl.dot(a_odd, hi, tl.dot(a_even, lo)) * scale.to(tl.float32)[None, :]
@@ -218,27 +198,27 @@ def _expert_tile(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    FOLD: tl.constexpr = False, SWAP: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):  # fmt: skip
     """[BM, BN] fp32 = A rows x W[rows, k_lo : k_lo + KS]^T for one expert, whatever its format (formats absent
-    compile away); SWAP: its transpose, computed as W x A^T."""
-    acc = _acc_zeros(BM, BN, SWAP)
+    compile away)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_BF16:
         if fmt == 0:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, k_lo, KS, False,
-                              BM, BN, BK, DT, SWAP)  # fmt: skip
+                              BM, BN, BK, DT)  # fmt: skip
     if HAS_INT8:
         if fmt == 1:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w8, s8, slot, rows, N, K, k_lo, KS, True,
-                              BM, BN, BK, DT, SWAP)  # fmt: skip
+                              BM, BN, BK, DT)  # fmt: skip
     if HAS_INT4:
         if fmt == 2:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, w4, s4, s4, slot, rows, N, K, k_lo, KS, False,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if HAS_INT4_ASYM:
         if fmt == 3:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, k_lo, KS, True,
-                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
+                             BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     return acc
 
 
@@ -268,7 +248,7 @@ def moe_gemm_kernel(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, SWAP: tl.constexpr = False,
+    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -312,7 +292,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
@@ -320,7 +300,7 @@ def moe_gemm_kernel(
             _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
                        pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
 
 
 @triton.jit
@@ -332,7 +312,7 @@ def _row_block(
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    FOLD: tl.constexpr, SWAP: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile of expert e for these pairs (P = an empty row)."""
     pmask = pairs < P
@@ -343,9 +323,7 @@ def _row_block(
     acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
                        w16, w8, s8, w4, s4, wa, sa, za,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, SWAP)  # fmt: skip
-    if SWAP:
-        acc = tl.trans(acc)
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
         out = gate * tl.sigmoid(gate) * up

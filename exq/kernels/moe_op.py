@@ -92,10 +92,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     """A fixed rule until the compiler's per-layer table (pass D) names one: the GEMV path while experts see about
     one token each, small row blocks while they see a few, bigger tensor-core tiles once they are many."""
     per_expert = pairs / max(1, num_experts)
-    # measured on H100 (docs/perf-notes.md, v6, v9, v10): the CUDA-core GEMV wins for int4 layers up to ~E pairs;
+    # measured on H100 (docs/perf-notes.md, v6, v9, v10): the CUDA-core GEMV wins for int4 layers at a few pairs;
     # for layers with bf16 / int8 experts the tensor-core GEMV does (1.7x the 16-row GEMM at T = 1, mixed plan;
-    # 1.14-1.17x for all-bf16 layers)
-    if pairs <= num_experts and block.in_features % 128 == 0:
+    # 1.14-1.17x for all-bf16 layers). v13: at pairs = E the 16-row tile wins already (qwen3 T = 16: 107.6 vs
+    # 150.1 us), so the GEMV up to E / 2 pairs; layers of few experts (Mixtral: 8) keep it up to E pairs (T = 4)
+    if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
         if block.present <= {"int4", "int4-asym"}:
             return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
         return GemvConfig(64, 1, 4, 4, mma=True)
@@ -107,8 +108,10 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     if per_expert <= 48:  # v11: 32-row blocks at T = 256 (olmoe, DeepSeek: 1.02-1.10x the 16- and 64-row ones)
         return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=True)
     # v12: int4 scales folded into the weights (one accumulator) let the 128-row 8-warp tile run without spills:
-    # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed)
-    if per_expert <= 96:
+    # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
+    # DeepSeek T = 1024, 96 rows: 361 vs 455 us), except for experts big enough for the row-block grouping, which
+    # stops at 64-row blocks (Mixtral T = 256: the tuned table's pick)
+    if per_expert <= 96 and block.max_expert_bytes > configs.GROUP_WEIGHT_BYTES:
         return GemmConfig(64, 128, 64, 4, 3, fold_scales=True)
     return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
 
@@ -151,9 +154,9 @@ def _gemm(
         HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
         HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
-        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64 and not cfg.swap_ab, PTX=ptx,
+        MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
-        FOLD=cfg.fold_scales, GROUP=group, SWAP=cfg.swap_ab,
+        FOLD=cfg.fold_scales, GROUP=group,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -312,8 +315,6 @@ def _check_config(cfg) -> None:
             and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
             and isinstance(cfg.inline_dispatch, bool)
             and isinstance(cfg.fold_scales, bool)
-            and isinstance(cfg.swap_ab, bool)
-            and not (cfg.swap_ab and cfg.fold_scales)  # the swapped tile keeps the scales out of the weights
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
@@ -323,8 +324,7 @@ def _check_config(cfg) -> None:
     if not ok or cfg.num_stages < 1:
         raise ExqError(
             f"{cfg} cannot compile",
-            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False "
-            "(swap_ab and fold_scales not both)",
+            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False",
         )
 
 

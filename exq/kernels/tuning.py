@@ -40,10 +40,17 @@ def config_to_dict(cfg: Config) -> dict:
     return {"kind": "gemv" if isinstance(cfg, GemvConfig) else "gemm", **cfg.as_dict()}
 
 
+# a flag that configs once had and no longer have: an entry holding it off still reads; on, it names a kernel
+# variant that is gone (measured slower and removed, perf-notes v13)
+_RETIRED_FLAGS = ("swap_ab",)
+
+
 def config_from_dict(d: dict) -> Config:
     kind = d.get("kind")
-    flags = ("mma", "inline_dispatch", "fold_scales", "swap_ab")
-    args = {k: bool(v) if k in flags else int(v) for k, v in d.items() if k != "kind"}
+    flags = ("mma", "inline_dispatch", "fold_scales")
+    if any(d.get(f) for f in _RETIRED_FLAGS):
+        raise FormatError(f"kernel config {d} uses a removed variant (swap_ab)", "re-run `exq compile` to pick again")
+    args = {k: bool(v) if k in flags else int(v) for k, v in d.items() if k not in ("kind", *_RETIRED_FLAGS)}
     if kind == "gemv":
         return GemvConfig(**args)
     if kind == "gemm":
@@ -66,6 +73,10 @@ def parse_bench_config(value) -> Config | None:
                 for x in m.group(2).split(",")]  # fmt: skip
     except ValueError as e:
         raise FormatError(f"cannot read kernel config {value!r}") from e
+    if m.group(1) == "GemmConfig" and len(args) == 8:  # recorded while swap_ab existed (v12 sessions)
+        if args[7]:
+            raise FormatError(f"kernel config {value!r} uses a removed variant (swap_ab)")
+        args = args[:7]
     return (GemmConfig if m.group(1) == "GemmConfig" else GemvConfig)(*args)
 
 
