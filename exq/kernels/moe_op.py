@@ -98,7 +98,13 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # 150.1 us), so the GEMV up to E / 2 pairs; layers of few experts (Mixtral: 8) keep it up to E pairs (T = 4)
     if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
         if block.present <= {"int4", "int4-asym"}:
-            return GemvConfig(64, 2 if block.in_features % 256 == 0 else 1, 4, 2)
+            # v13 (H100, int4, T = 1 / 4): a pair or less per 8 experts takes longer K steps in narrower tiles
+            # (olmoe T = 1 21.6 vs 26.4 us); K not a multiple of 256 goes to tensor cores (DeepSeek's 1408:
+            # 24.6 vs 34.9 us at T = 1, 59.2 vs 60.4 at T = 4)
+            if 8 * pairs <= num_experts and block.in_features % 512 == 0:
+                return GemvConfig(32, 4, 4, 2)
+            if block.in_features % 256 == 0:
+                return GemvConfig(64, 2, 4, 2)
         return GemvConfig(64, 1, 4, 4, mma=True)
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
