@@ -278,6 +278,12 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert isinstance(default_config(32, 64, many), GemvConfig)  # E / 2 pairs
     assert isinstance(default_config(64, 64, many), GemmConfig)  # E pairs: the 16-row tile wins (v13)
     assert default_config(64, 64, many).block_m == 16
+    # int4 at a pair or less per 8 experts: 4-group K steps when K allows them; tensor cores when K % 256 != 0
+    wide = kernel_blocks(random_experts(64, 512, 128, ["int4"] * 64, device=DEVICE))[0]
+    assert default_config(8, 64, wide) == GemvConfig(32, 4, 4, 2)
+    assert default_config(9, 64, wide) == GemvConfig(64, 2, 4, 2)
+    odd = kernel_blocks(random_experts(64, 384, 128, ["int4"] * 64, device=DEVICE))[0]
+    assert default_config(8, 64, odd).mma
 
 
 def test_errors_name_the_problem():
