@@ -45,8 +45,7 @@ def _tile_dense(
             w = ((w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(DT)
         acc = tl.dot(a, w.to(DT), acc)
     if INT8:
-        s = tl.load(s_ptr + slot * N + rows).to(tl.float32)
-        acc = acc * s[None, :]
+        acc = acc * tl.load(s_ptr + slot * N + rows).to(tl.float32)[None, :]
     return acc
 
 

@@ -40,6 +40,12 @@ class KernelBlock:
         """One expert's weight bytes in the widest format present (decides the GEMM's row-block grouping)."""
         return max(FORMATS[f].nbytes(self.out_features, self.in_features) for f in self.present)
 
+    @property
+    def outgrows_l2(self) -> bool:
+        """An expert's weights too big to stay in L2 while one row block walks its column tiles: the GEMM groups
+        row blocks per column tile (configs.GROUP_ROW_BLOCKS), which only its smaller row blocks can use."""
+        return self.max_expert_bytes > configs.GROUP_WEIGHT_BYTES
+
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
         ids = range(self.num_experts) if experts is None else experts.tolist()
@@ -117,7 +123,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
     # DeepSeek T = 1024, 96 rows: 361 vs 455 us), except for experts big enough for the row-block grouping, which
     # stops at 64-row blocks (Mixtral T = 256: the tuned table's pick)
-    if per_expert <= 96 and block.max_expert_bytes > configs.GROUP_WEIGHT_BYTES:
+    if per_expert <= 96 and block.outgrows_l2:
         return GemmConfig(64, 128, 64, 4, 3, fold_scales=True)
     return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
 
@@ -146,11 +152,7 @@ def _gemm(
         sorted_pairs, block_expert = disp.sorted_pairs, disp.block_expert
         ids = sorted_pairs
     dt, magic, ptx = _dot_types(a)
-    grouped = (
-        disp is not None
-        and cfg.block_m <= configs.GROUP_MAX_BLOCK_M
-        and block.max_expert_bytes > configs.GROUP_WEIGHT_BYTES
-    )
+    grouped = disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M and block.outgrows_l2
     group = configs.GROUP_ROW_BLOCKS if grouped else 1
     moe_gemm_kernel[grid](
         a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot,
