@@ -75,7 +75,7 @@ def parse_bench_config(value) -> Config | None:
         raise FormatError(f"cannot read kernel config {value!r}") from e
     if m.group(1) == "GemmConfig" and len(args) == 8:  # recorded while swap_ab existed (v12 sessions)
         if args[7]:
-            raise FormatError(f"kernel config {value!r} uses a removed variant (swap_ab)")
+            raise FormatError(f"kernel config {value!r} uses a removed variant (swap_ab)", "re-run the sweep")
         args = args[:7]
     return (GemmConfig if m.group(1) == "GemmConfig" else GemvConfig)(*args)
 
