@@ -94,6 +94,9 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 40, GemmConfig(64, 64, 128, 4, 2, fold_scales=True)),
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 9, GemmConfig(16, 64, 64, 4, 2, fold_scales=True)),
         (ALL, torch.bfloat16, 420, None),  # the default rule's prefill tile: 128 rows, scales folded, 1-D grid
+        # two groups per K iteration (sub-steps unrolled): K = 256 is one iteration for gate_up, down keeps one group
+        (ALL, torch.bfloat16, 9, (GemmConfig(16, 64, 256, 4, 2), GemmConfig(16, 64, 128, 4, 2))),
+        (ALL, torch.float16, 40, (GemmConfig(64, 64, 256, 4, 2, fold_scales=True), GemmConfig(64, 64, 128, 4, 2))),
         # int4 A read as int32 words and int8 codes decoded by exponent bits, bf16 activations, an expert over 16 rows
         ({"int8": 0.5, "int4": 0.5}, torch.bfloat16, 17, GemmConfig(16, 128, 128, 4, 3)),
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
@@ -257,6 +260,38 @@ def test_expert_parallel_ids_contribute_nothing():
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "shares,dtype,tokens,config",
+    [
+        ({"int4": 0.5, "int4-asym": 0.5}, torch.bfloat16, 9, GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)),
+        ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 21, GemmConfig(32, 64, 512, 4, 2, fold_scales=True)),
+        (ALL, torch.bfloat16, 30, GemmConfig(16, 64, 256, 4, 2)),
+    ],
+)
+def test_multi_group_k_steps_carry_scales_across_iterations(shares, dtype, tokens, config):
+    """K steps of 2-4 groups over several loop iterations (K = 1024): each sub-step's scale and zero point, and
+    the one loaded a step ahead for the next iteration, belong to their own group."""
+    experts, hidden, inter, k = 8, 1024, 512, 2
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, shares, seed=tokens), device=DEVICE, seed=2)
+    x, w, ids = routing(tokens, experts, k, tokens, hidden, dtype)
+    assert rel_err(fused_moe(x, w, ids, mod, config=config), reference(x, w, ids, mod)) < 1e-2
+
+
+def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
+    """Experts whose weights outgrow L2 (Mixtral's): dispatched row blocks side by side, not one program walking an
+    expert's blocks (the inline dispatch), and the 128-row tile from 48 rows per expert (v14)."""
+    from exq.kernels import configs
+    from exq.kernels.moe_op import default_config, kernel_blocks
+
+    int4 = kernel_blocks(random_experts(8, 512, 256, ["int4"] * 8, device=DEVICE))[0]
+    mixed = kernel_blocks(random_experts(8, 512, 256, mixed_formats(8, ALL, seed=0), device=DEVICE))[0]
+    assert default_config(64, 8, int4).inline_dispatch and default_config(128, 8, mixed).inline_dispatch
+    monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)
+    assert default_config(64, 8, int4) == GemmConfig(16, 128, 256, 4, 3)
+    assert default_config(128, 8, mixed) == GemmConfig(16, 128, 128, 4, 4)
+    assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
+
+
 def test_default_rule_picks_a_path_per_layer_kind():
     """Without a planned config: the CUDA-core GEMV for int4 layers at decode, the tensor-core GEMV once bf16 /
     int8 experts are in the layer (all-bf16 layers too), GEMM row blocks for more pairs than experts."""
@@ -278,12 +313,18 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert isinstance(default_config(32, 64, many), GemvConfig)  # E / 2 pairs
     assert isinstance(default_config(64, 64, many), GemmConfig)  # E pairs: the 16-row tile wins (v13)
     assert default_config(64, 64, many).block_m == 16
-    # int4 at a pair or less per 8 experts: 4-group K steps when K allows them; tensor cores when K % 256 != 0
+    # int4 at 16-row tiles with K a multiple of 256: two groups per K iteration, 128 columns (v14); the inline
+    # dispatch up to 256 pairs; a layer with bf16 / int8 experts keeps one-group steps
     wide = kernel_blocks(random_experts(64, 512, 128, ["int4"] * 64, device=DEVICE))[0]
+    assert default_config(256, 64, wide) == GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)
+    assert default_config(512, 64, wide) == GemmConfig(16, 128, 256, 4, 3)
+    assert default_config(9, 8, blocks["mixed"]).block_k == 128
+    # int4 at a pair or less per 8 experts: 4-group K steps when K allows them; tensor cores when K % 256 != 0
     assert default_config(8, 64, wide) == GemvConfig(32, 4, 4, 2)
     assert default_config(9, 64, wide) == GemvConfig(64, 2, 4, 2)
     odd = kernel_blocks(random_experts(64, 384, 128, ["int4"] * 64, device=DEVICE))[0]
     assert default_config(8, 64, odd).mma
+    assert default_config(512, 64, odd).block_k == 128  # K a multiple of 128 only: one group per step
 
 
 def test_errors_name_the_problem():
@@ -313,6 +354,8 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=GemmConfig(8, 64, 128))
     with pytest.raises(ExqError, match="cannot compile"):
         fused_moe(x, w, ids, mod, config=(GemmConfig(16), GemvConfig(48, 1)))
+    with pytest.raises(ExqError, match="divide in_features 128"):  # a two-group K step on K = 128
+        fused_moe(x, w, ids, mod, config=GemmConfig(16, 64, 256))
     with pytest.raises(ExqError, match="flags True / False"):
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):

@@ -19,6 +19,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, inline dispatch": ("gemm", 16, 64, 128, 4, "int4", {"ROUTE_PP": 512}),
     "decode tile, every format, grouped row blocks": ("gemm", 16, 64, 128, 4, "all", {"GROUP": 8}),
     "32-row tile, every format, inline dispatch": ("gemm", 32, 128, 128, 4, "all", {"ROUTE_PP": 1024}),
+    "decode tile, two groups per K iteration": ("gemm", 16, 128, 256, 4, "all", {"ROUTE_PP": 512}),
     "prefill tile, scales folded": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True}),
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
 }

@@ -77,6 +77,8 @@ def test_layer_class_and_fit():
     assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 1408).split_k == 1  # 11 groups: no even split
     assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 768).split_k == 2  # must divide 16 and 6 groups
     assert fit_config(GemmConfig(16, 64, 128), 4096, 192).block_k == 64
+    assert fit_config(GemmConfig(16, 128, 256), 2048, 1408).block_k == 128  # two-group steps where K allows them
+    assert fit_config(GemmConfig(16, 128, 256), 2048, 768).block_k == 256
 
 
 def test_plans_carry_the_specialisation(demo_profile, tmp_path):

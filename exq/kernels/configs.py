@@ -25,7 +25,7 @@ GROUP_MAX_BLOCK_M = 64
 class GemmConfig:
     block_m: int = 16
     block_n: int = 64
-    block_k: int = 128
+    block_k: int = 128  # a divisor of 128, or a multiple: several groups per K iteration (the int4 decode tiles)
     num_warps: int = 4
     num_stages: int = 3
     inline_dispatch: bool = False  # each program finds its pairs in topk_ids: no dispatch launch (<= 1024 pairs)

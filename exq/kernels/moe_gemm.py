@@ -142,51 +142,63 @@ def _tile_int4(
     Measured and not kept (perf-notes, v13): the swapped product W x A^T (weights as the register operand) 1.1-1.6x
     slower; bytes pairing k and k + 64 (no join, contiguous A slices) 2-12 % slower at prefill; the two-dot form
     at 128 rows (activations as the register operand) 2-16 % slower."""
+    # BK > 128: SUB group-sized sub-steps per loop iteration (the body unrolled), so each pipelined iteration
+    # streams SUB groups' bytes and pays its barrier and waits once
+    SUB: tl.constexpr = BK // 128 if BK > 128 else 1
+    BKS: tl.constexpr = BK // SUB
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    half = tl.arange(0, BK // 2)
-    ks = tl.arange(0, BK)
+    half = tl.arange(0, BKS // 2)
+    ks = tl.arange(0, BKS)
     groups: tl.constexpr = K // 128
     base = w_ptr + slot * (N * K // 2) + rows[None, :].to(tl.int64) * (K // 2)
     sbase = slot * (N * groups) + rows.to(tl.int64) * groups
     # scales (and zero points) are loaded one step ahead: in the MMA layout they are per-thread 2-byte gathers that
-    # the pipeliner leaves in the loop, and each step would wait a memory round trip for them
+    # the pipeliner leaves in the loop, and each step would wait a memory round trip for them (a later sub-step's
+    # load is issued at the top of its iteration and waited for after the sub-steps before it)
     g_end = (k_lo + KS) // 128 - 1
     scale_next = tl.load(s_ptr + sbase + k_lo // 128)
     zero_next = tl.load(z_ptr + sbase + k_lo // 128) if ASYM else scale_next
     for k0 in range(k_lo, k_lo + KS, BK):
-        b = tl.load(base + (k0 // 2 + half)[:, None])  # [BK/2, BN] uint8
-        scale, zero = scale_next, zero_next
-        g_next = tl.minimum((k0 + BK) // 128, g_end)
-        scale_next = tl.load(s_ptr + sbase + g_next)
-        if ASYM:
-            zero_next = tl.load(z_ptr + sbase + g_next)
-            off = zero.to(tl.int32)[None, :]
-        else:
-            off = 8
-        lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
-        if FOLD:  # in the dot type: an fp32 product and a conversion back cost 1.3x the instructions (sm_90 SASS)
-            sdt = scale.to(DT)[None, :]
-            lo = lo * sdt
-            hi = hi * sdt
-        if INTERLEAVE:
-            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))
-            a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + ks, DT)
-            if FOLD:
-                acc = tl.dot(a, w, acc)
+        for u in tl.static_range(SUB):
+            k1 = k0 + u * BKS
+            b = tl.load(base + (k1 // 2 + half)[:, None])  # [BKS/2, BN] uint8
+            if u == 0:
+                scale, zero = scale_next, zero_next
+                g_next = tl.minimum((k0 + BK) // 128, g_end)
+                scale_next = tl.load(s_ptr + sbase + g_next)
+                if ASYM:
+                    zero_next = tl.load(z_ptr + sbase + g_next)
             else:
-                acc += tl.dot(a, w) * scale.to(tl.float32)[None, :]
-        else:
-            # A as int32 words (two columns each), split by bit operations: 16-byte loads the pipeliner can run
-            # ahead, instead of two stride-2 loads of 2-byte elements that each step waited for
-            words = tl.load(a32_ptr + a_rows[:, None] * (K // 2) + (k0 // 2 + half)[None, :],
-                            mask=a_mask[:, None], other=0)  # fmt: skip
-            adt = a_ptr.dtype.element_ty
-            a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
-            a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
-            if FOLD:
-                acc = tl.dot(a_odd, hi, tl.dot(a_even, lo, acc))
+                scale = tl.load(s_ptr + sbase + k1 // 128)
+                zero = tl.load(z_ptr + sbase + k1 // 128) if ASYM else scale
+            if ASYM:
+                off = zero.to(tl.int32)[None, :]
             else:
-                acc += tl.dot(a_odd, hi, tl.dot(a_even, lo)) * scale.to(tl.float32)[None, :]
+                off = 8
+            lo, hi = _nibbles(b, off, MAGIC_BITS, MAGIC_BASE, DT, PTX and not ASYM)
+            if FOLD:  # in the dot type: an fp32 product and a conversion back cost 1.3x the instructions (sm_90)
+                sdt = scale.to(DT)[None, :]
+                lo = lo * sdt
+                hi = hi * sdt
+            if INTERLEAVE:
+                w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BKS, BN))
+                a = _a_tile(a_ptr, a_rows, a_mask, stride_am, k1 + ks, DT)
+                if FOLD:
+                    acc = tl.dot(a, w, acc)
+                else:
+                    acc += tl.dot(a, w) * scale.to(tl.float32)[None, :]
+            else:
+                # A as int32 words (two columns each), split by bit operations: 16-byte loads the pipeliner can run
+                # ahead, instead of two stride-2 loads of 2-byte elements that each step waited for
+                words = tl.load(a32_ptr + a_rows[:, None] * (K // 2) + (k1 // 2 + half)[None, :],
+                                mask=a_mask[:, None], other=0)  # fmt: skip
+                adt = a_ptr.dtype.element_ty
+                a_even = (words & 0xFFFF).to(tl.uint16).to(adt, bitcast=True).to(DT)
+                a_odd = (words >> 16).to(tl.uint16).to(adt, bitcast=True).to(DT)
+                if FOLD:
+                    acc = tl.dot(a_odd, hi, tl.dot(a_even, lo, acc))
+                else:
+                    acc += tl.dot(a_odd, hi, tl.dot(a_even, lo)) * scale.to(tl.float32)[None, :]
     return acc
 
 

@@ -102,8 +102,9 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # for layers with bf16 / int8 experts the tensor-core GEMV does (1.7x the 16-row GEMM at T = 1, mixed plan;
     # 1.14-1.17x for all-bf16 layers). v13: at pairs = E the 16-row tile wins already (qwen3 T = 16: 107.6 vs
     # 150.1 us), so the GEMV up to E / 2 pairs; layers of few experts (Mixtral: 8) keep it up to E pairs (T = 4)
+    int4_only = block.present <= {"int4", "int4-asym"}
     if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
-        if block.present <= {"int4", "int4-asym"}:
+        if int4_only:
             # v13 (H100, int4, T = 1 / 4): a pair or less per 8 experts takes longer K steps in narrower tiles
             # (olmoe T = 1 21.6 vs 26.4 us); K not a multiple of 256 goes to tensor cores (DeepSeek's 1408:
             # 24.6 vs 34.9 us at T = 1, 59.2 vs 60.4 at T = 4)
@@ -112,19 +113,24 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             if block.in_features % 256 == 0:
                 return GemvConfig(64, 2, 4, 2)
         return GemvConfig(64, 1, 4, 4, mma=True)
+    # v14 (H100): int4 layers take two groups per K iteration in 128-column tiles: 2-7 % under the one-group tiles
+    # at T = 16-64 on olmoe / qwen3 (qwen3 T = 256 too), Mixtral T = 16 / 64 303.6 / 395.8 vs 360.4 / 427.1 us. With
+    # bf16 / int8 experts the wider step loses (their tiles grow 2x): those keep one group. The inline dispatch up
+    # to 256 pairs, and not for experts too big for L2: its program walks an expert's row blocks one after another,
+    # which the dispatched grid runs side by side (Mixtral T = 64: 493.6 inline vs 395.8 us)
+    small = not block.outgrows_l2
+    if per_expert <= 16 and int4_only and block.in_features % 256 == 0:
+        return GemmConfig(16, 128, 256, 4, 3, inline_dispatch=pairs <= 256 and small)
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
         return GemmConfig(16, 64, 128, 4, 4, inline_dispatch=True)
     if per_expert <= 16:
-        return GemmConfig(16, 128, 128, 4, 4, inline_dispatch=True)
+        return GemmConfig(16, 128, 128, 4, 4, inline_dispatch=small)
     if per_expert <= 48:  # v11: 32-row blocks at T = 256 (olmoe, DeepSeek: 1.02-1.10x the 16- and 64-row ones)
         return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=True)
     # v12: int4 scales folded into the weights (one accumulator) let the 128-row 8-warp tile run without spills:
     # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
-    # DeepSeek T = 1024, 96 rows: 361 vs 455 us), except for experts big enough for the row-block grouping, which
-    # stops at 64-row blocks (Mixtral T = 256: the tuned table's pick)
-    if per_expert <= 96 and block.outgrows_l2:
-        return GemmConfig(64, 128, 64, 4, 3, fold_scales=True)
+    # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us)
     return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
 
 
@@ -135,8 +141,10 @@ def _gemm(
     import triton
 
     n_out = block.out_features // 2 if gated else block.out_features
-    if block.in_features % cfg.block_k or cfg.block_k > 128 or 128 % cfg.block_k:
-        raise ExqError(f"block_k {cfg.block_k} must divide 128 and in_features {block.in_features}")
+    if block.in_features % cfg.block_k or (cfg.block_k % 128 if cfg.block_k > 128 else 128 % cfg.block_k):
+        raise ExqError(
+            f"block_k {cfg.block_k} must divide in_features {block.in_features} and be a divisor or a multiple of 128"
+        )
     if a.stride(0) != block.in_features:  # the int4 tile reads A rows as int32 words at stride K / 2
         raise ExqError(f"activations must be contiguous rows of {block.in_features}, got stride {a.stride(0)}")
     t = block.tensors
