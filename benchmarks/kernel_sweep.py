@@ -31,13 +31,14 @@ def _fold(c: G) -> G:
     return replace(c, fold_scales=True)
 
 
+TWO_GROUPS = [G(16, 128, 256, 4, 3), _inline(G(16, 128, 256, 4, 3))]  # v14: int4 decode tiles, K % 256 == 0
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
     16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)),
-         MMA[3], MMA[2], _inline(G(16, 128, 128, 4, 4))],
-    64: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
+         MMA[3], MMA[2], _inline(G(16, 128, 128, 4, 4)), *TWO_GROUPS],
+    64: [*TWO_GROUPS, G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), G(32, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
          _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)), _inline(G(32, 64, 128, 4, 3)),
          _inline(G(16, 64, 128, 4, 5)), _inline(G(16, 32, 128, 4, 4)), _inline(G(16, 128, 128, 4, 4))],
-    256: [G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
+    256: [*TWO_GROUPS, G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
           G(16, 64, 128, 4, 4), G(16, 128, 128, 4, 4), _inline(G(32, 128, 128, 4, 3)), G(32, 128, 128, 4, 3),
           _fold(G(64, 128, 64, 4, 3)), _fold(G(64, 128, 128, 4, 3)), _fold(G(128, 128, 64, 8, 3))],
     1024: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), _fold(G(128, 128, 64, 8, 3)), _fold(G(128, 128, 64, 8, 4)),
@@ -63,12 +64,11 @@ def candidates(table: dict | None):
         out += MMA if tokens <= 4 else BY_TOKENS[near]
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
-        fits = [
-            c
-            for c in out
-            if not isinstance(c, GemvConfig)
-            or (h % (128 * c.split_k * c.groups_per_step) == 0 and i % (128 * c.split_k * c.groups_per_step) == 0)
-        ]
+
+        def step(c) -> int:  # the K step both projections must divide
+            return 128 * c.split_k * c.groups_per_step if isinstance(c, GemvConfig) else c.block_k
+
+        fits = [c for c in out if h % step(c) == 0 and i % step(c) == 0]
         return list(dict.fromkeys(fits))
 
     return pick

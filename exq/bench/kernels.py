@@ -108,6 +108,7 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (16, 128, 128, 4, 3),
     (16, 128, 128, 4, 4),  # v11: T = 64 with the inline dispatch (qwen3, mixed plans)
     (16, 64, 128, 4, 5),
+    (16, 128, 256, 4, 3),  # v14: two groups per K iteration, int4 at T = 16-64
     (32, 64, 128, 4, 3),
     (32, 128, 128, 4, 3),  # v11: the best at T = 256 on olmoe and DeepSeek
     (64, 64, 128, 4, 3),
@@ -169,11 +170,12 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
 
     e, h, i, k = shape
-    out = [GemmConfig(*c) for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
+    tiles = [c for c in OUR_CONFIGS if _fits(c[0], tokens * k, e) and h % c[2] == 0 and i % c[2] == 0]
+    out = [GemmConfig(*c) for c in tiles]
     if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
-        out += [GemmConfig(*c, fold_scales=True) for c in OUR_CONFIGS if c[0] >= 64 and _fits(c[0], tokens * k, e)]
+        out += [GemmConfig(*c, fold_scales=True) for c in tiles if c[0] >= 64]
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
-        out += [GemmConfig(*c, inline_dispatch=True) for c in OUR_CONFIGS if c[0] <= 32 and _fits(c[0], tokens * k, e)]
+        out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:
         ok = [c for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0]
         out += [GemvConfig(*c) for c in ok if plan == "int4" or c[5]]
@@ -206,6 +208,18 @@ def config_name(cfg) -> str:
     return type(cfg).__name__ + str(tuple(cfg.as_dict().values()))
 
 
+def default_configs(plan: str, tokens: int, shape) -> tuple:
+    """The (gate_up, down) configs `fused_moe` picks without one for this cell (its default rule), from the
+    shape and the plan's formats alone: what `exq_default_us` timed."""
+    from exq.kernels.moe_op import KernelBlock, default_config
+
+    e, h, i, k = shape
+    present = frozenset(f for f, share in PLANS[plan].items() if share > 0)
+    ids = torch.zeros(e, dtype=torch.int32)
+    blocks = (KernelBlock(o, n, ids, ids, {}, present) for o, n in ((2 * i, h), (h, i)))
+    return tuple(default_config(tokens * k, e, b) for b in blocks)
+
+
 def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors, candidates) -> dict:
     from exq.kernels import fused_moe
 
@@ -222,6 +236,7 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
         return graph_time_us(lambda j: fused_moe(x, routes[j][0], routes[j][1], mods[j], config=cfg), layers, reps)
 
     row["exq_default_us"] = ours(None)
+    row["exq_default_config"] = [config_name(c) for c in default_configs(plan, t, shape)]
     best = (row["exq_default_us"], None)
     row["exq_sweep"] = {}  # every candidate's time, to see how far the runners-up are
     from triton.runtime.errors import OutOfResources
