@@ -3,8 +3,9 @@
     python benchmarks/kernel_sweep.py --shapes olmoe-1b-7b qwen3-30b-a3b --tokens 1 4 16 64 256 1024 \
         --plans int4 mixed --output docs/bench/kernels_h100_v9.json
 
-Per (shape, plan, T): the tuned table's configuration (when it has the cell), the tensor-core GEMV configs at decode
-sizes and a few tensor-core row blocks beyond, plus the default rule (`exq_default_us`), each timed as `exq bench
+Per (shape, plan, T): the tuned table's configuration (when it has the cell), the GEMV configs at decode sizes (a
+config per projection too, see `exq.bench.kernels.per_projection`) and a few tensor-core row blocks beyond, plus
+the default rule (`exq_default_us`), each timed as `exq bench
 kernels` times it (CUDA graph over 8 layers' weights, median of the replays, floors measured in the same run). The
 output has the bench format, so `benchmarks/kernel_table.py` reads it. With --sglang-wheel SGLang's default and
 tuned int4 configs are timed in the same run, as `exq bench kernels` does; this is the short-budget version of it.
@@ -21,6 +22,7 @@ from exq.kernels.configs import GemmConfig as G
 from exq.kernels.configs import GemvConfig
 
 MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1))]
+CUDA_CORES = [GemvConfig(32, 4, 4, 2), GemvConfig(64, 2, 4, 2), GemvConfig(32, 2, 4, 2)]  # int4 layers only
 
 
 def _inline(c: G) -> G:
@@ -61,15 +63,19 @@ def candidates(table: dict | None):
             out += [config_from_dict(e["config"]) for e in table["entries"]
                     if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
         near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
-        out += MMA if tokens <= 4 else BY_TOKENS[near]
+        out += (MMA + (CUDA_CORES if plan == "int4" else [])) if tokens <= 4 else BY_TOKENS[near]
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
 
-        def step(c) -> int:  # the K step both projections must divide
+        def step(c) -> int:  # the K step a projection's reduction must divide
             return 128 * c.split_k * c.groups_per_step if isinstance(c, GemvConfig) else c.block_k
 
-        fits = [c for c in out if h % step(c) == 0 and i % step(c) == 0]
-        return list(dict.fromkeys(fits))
+        def fits(c) -> bool:  # one config for both projections, or a (gate_up, down) pair from the table
+            if isinstance(c, tuple):
+                return h % step(c[0]) == 0 and i % step(c[1]) == 0
+            return h % step(c) == 0 and i % step(c) == 0
+
+        return list(dict.fromkeys(c for c in out if fits(c)))
 
     return pick
 

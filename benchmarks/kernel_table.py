@@ -4,11 +4,11 @@
         docs/bench/kernels_h100_decode_v6{,_dsv2_mixtral}.json docs/bench/kernels_h100_{gemm_v7,decode_v8}.json \
         --output exq/kernels/tuned/h100.json
 
-Every (shape, plan, tokens) cell whose best configuration is known becomes an entry (where the default rule won: its
-configuration as the run recorded it, `exq_default_config`, when both projections had the same one, else the best
-swept one from `exq_sweep`), keyed by the layer class and the rows per active expert of that run (uniform routing:
-E_active = E (1 - (1 - k/E)^T)). Files later on the command line override earlier ones for the same cell (newer
-kernels); experiment files stay out (their configs may no longer exist).
+Every (shape, plan, tokens) cell whose best configuration is known becomes an entry (one config, or a (gate_up,
+down) pair; where the default rule won: its configurations as the run recorded them, `exq_default_config`, else
+the best swept one from `exq_sweep`), keyed by the layer class and the rows per active expert of that run
+(uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line override earlier ones for the
+same cell (newer kernels); experiment files stay out (their configs may no longer exist).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def main() -> None:
             raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")
         for row in r["rows"]:
             cfg, us = parse_bench_config(row.get("exq_config")), row["exq_us"]
-            if cfg is None and row.get("exq_default_config"):  # the default rule won: its config (as recorded)
+            if cfg is None and row.get("exq_default_config"):  # the default rule won: its configs (as recorded)
                 gu, dn = (parse_bench_config(n) for n in row["exq_default_config"])
-                cfg = gu if gu == dn else None  # when it gave both projections the same one
-            if cfg is None and row.get("exq_sweep"):  # else the best swept config
+                cfg = gu if gu == dn else (gu, dn)
+            if cfg is None and row.get("exq_sweep"):  # a run that did not record them: the best swept config
                 name, us = min(row["exq_sweep"].items(), key=lambda kv: kv[1])
                 cfg = parse_bench_config(name)
             if cfg is None:

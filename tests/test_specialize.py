@@ -65,6 +65,15 @@ def test_configs_survive_tables_and_bench_records():
         config_from_dict(gemm | {"swap_ab": True})
     with pytest.raises(FormatError, match="removed variant"):
         parse_bench_config("GemmConfig(16, 64, 128, 4, 4, True, False, True)")
+    # a (gate_up, down) pair: each projection its own GEMV tile
+    pair = (GemvConfig(128, 1, 4, 3, mma=True), GemvConfig(64, 2))
+    stored = config_to_dict(pair)
+    assert stored["down"] == config_to_dict(pair[1]) and config_from_dict(stored) == pair
+    assert parse_bench_config(" + ".join(type(c).__name__ + str(tuple(c.as_dict().values())) for c in pair)) == pair
+    with pytest.raises(FormatError, match="'down' must hold one config"):
+        config_from_dict(stored | {"down": stored})
+    with pytest.raises(FormatError):
+        parse_bench_config("GemvConfig(32, 1, 4, 2, 1, False) + ")
 
 
 def test_layer_class_and_fit():
@@ -79,6 +88,8 @@ def test_layer_class_and_fit():
     assert fit_config(GemmConfig(16, 64, 128), 4096, 192).block_k == 64
     assert fit_config(GemmConfig(16, 128, 256), 2048, 1408).block_k == 128  # two-group steps where K allows them
     assert fit_config(GemmConfig(16, 128, 256), 2048, 768).block_k == 256
+    # a pair: each projection fitted to its own K (gate_up reduces over hidden, down over intermediate)
+    assert fit_config((GemvConfig(32, 4), GemvConfig(32, 4)), 2048, 1408) == (GemvConfig(32, 4), GemvConfig(32, 1))
 
 
 def test_plans_carry_the_specialisation(demo_profile, tmp_path):
@@ -104,6 +115,22 @@ def test_plans_carry_the_specialisation(demo_profile, tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(FormatError):
         Artifact.load(path)
+
+
+def test_a_planned_pair_reaches_the_op(monkeypatch):
+    """A table entry with a config per projection survives pass D (each fitted to its own K) and the plan's check,
+    and the runtime hands the op the pair."""
+    from exq.compiler.artifact import check_kernels
+    from exq.runtime.experts import planned_config
+
+    table = _table(("int4", 1.0, (GemvConfig(32, 4), GemvConfig(64, 4))))
+    structure = {"moe_layers": [{"hidden_size": 2048, "intermediate_size": 768, "num_experts": 64, "top_k": 8}]}
+    plan = specialize(structure, [{"gate_up": ["int4"], "down": ["int4"]}], None, {"GPU X": table})
+    assert check_kernels(plan, 1) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    # down reduces over 768 = 6 groups: 2 per step, not 4; gate_up over 2048 keeps 4
+    layer_plan = {"GPU X": plan["GPU X"][0]}  # what the loader keeps on each MoE layer
+    assert planned_config(layer_plan, 1, torch.device("cuda")) == (GemvConfig(32, 4), GemvConfig(64, 2))
 
 
 def test_runtime_module_runs_the_fused_op(tmp_path):

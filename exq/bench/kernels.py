@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from exq.bench import PLANS, SHAPES
+from exq.kernels.configs import GemvConfig
+from exq.kernels.tuning import parse_bench_config
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _fits(block_m: int, pairs: int, experts: int) -> bool:
 def default_candidates(plan: str, tokens: int, shape) -> list:
     """The configurations a sweep times for one cell: tensor-core row blocks that fit the rows per expert, and at
     decode sizes the GEMV paths (CUDA-core GEMV for int4 only: with bf16 / int8 experts it is far slower)."""
-    from exq.kernels import GemmConfig, GemvConfig
+    from exq.kernels import GemmConfig
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
 
     e, h, i, k = shape
@@ -204,8 +206,32 @@ def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, 
 
 
 def config_name(cfg) -> str:
-    """How a sweep names a config in its JSON (`exq.kernels.tuning.parse_bench_config` reads it back)."""
+    """How a sweep names a config in its JSON (`exq.kernels.tuning.parse_bench_config` reads it back); a
+    (gate_up, down) pair as 'A + B'."""
+    if isinstance(cfg, tuple):
+        return " + ".join(map(config_name, cfg))
     return type(cfg).__name__ + str(tuple(cfg.as_dict().values()))
+
+
+def per_projection(best, best_us: float, candidates, time_us: Callable[[object], float]) -> dict:
+    """At decode sizes gate_up (K = hidden) and down (K = intermediate) may each want their own GEMV tile: each
+    GEMV candidate timed for one projection with the best config (best_us for both) on the other, then the pair
+    of the two winners when both differ from it. Returns {config name: time} of everything timed (the pair last)."""
+    gemv = [c for c in candidates if isinstance(c, GemvConfig) and c != best]
+    times = {}
+    gate_up = down = (best_us, best)
+    for c in gemv:
+        for pos in (0, 1):
+            pair = (c, best) if pos == 0 else (best, c)
+            us = times[config_name(pair)] = time_us(pair)
+            if pos == 0:
+                gate_up = min(gate_up, (us, c), key=lambda z: z[0])
+            else:
+                down = min(down, (us, c), key=lambda z: z[0])
+    if gate_up[1] != best and down[1] != best:  # else the best single pair is already timed
+        pair = (gate_up[1], down[1])
+        times[config_name(pair)] = time_us(pair)
+    return times
 
 
 def default_configs(plan: str, tokens: int, shape) -> tuple:
@@ -250,6 +276,11 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
             continue
         row["exq_sweep"][name] = us
         best = min(best, (us, cfg), key=lambda z: z[0])
+    if isinstance(best[1], GemvConfig):  # decode: the best GEMV tile per projection
+        for name, us in per_projection(best[1], best[0], candidates, ours).items():
+            row["exq_sweep"][name] = us
+            if us < best[0]:
+                best = (us, parse_bench_config(name))
     row["exq_us"], row["exq_config"] = (
         best[0],
         None if best[1] is None else config_name(best[1]),

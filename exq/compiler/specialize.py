@@ -24,9 +24,12 @@ def rows_per_active_expert(shares: np.ndarray, top_k: int, tokens: int) -> float
 
 
 def fit_config(cfg, gate_up_in: int, down_in: int):
-    """The table's config adjusted to this layer's reduction sizes (a K step must divide both)."""
+    """The table's config adjusted to this layer's reduction sizes (a K step must divide both; a (gate_up, down)
+    pair: each its own)."""
     from exq.kernels.configs import GemvConfig
 
+    if isinstance(cfg, tuple):
+        return fit_config(cfg[0], gate_up_in, gate_up_in), fit_config(cfg[1], down_in, down_in)
     if isinstance(cfg, GemvConfig):
 
         def fits(g: int, split: int) -> bool:

@@ -36,7 +36,15 @@ def layer_class(formats: set[str]) -> str | None:
     return "bf16" if formats == {"bf16"} else "mixed"
 
 
-def config_to_dict(cfg: Config) -> dict:
+# a layer's choice: one config for both projections, or (gate_up, down) where each has its own (v14: at decode the
+# two projections' best GEMV tiles differ on some shapes)
+LayerConfig = Config | tuple[Config, Config]
+
+
+def config_to_dict(cfg: LayerConfig) -> dict:
+    """The stored form; a (gate_up, down) pair is gate_up's dict with down's under "down"."""
+    if isinstance(cfg, tuple):
+        return {**config_to_dict(cfg[0]), "down": config_to_dict(cfg[1])}
     return {"kind": "gemv" if isinstance(cfg, GemvConfig) else "gemm", **cfg.as_dict()}
 
 
@@ -45,7 +53,11 @@ def config_to_dict(cfg: Config) -> dict:
 _RETIRED_FLAGS = ("swap_ab",)
 
 
-def config_from_dict(d: dict) -> Config:
+def config_from_dict(d: dict) -> LayerConfig:
+    if "down" in d:
+        if not isinstance(d["down"], dict) or "down" in d["down"]:
+            raise FormatError(f"kernel config {d}: 'down' must hold one config")
+        return config_from_dict({k: v for k, v in d.items() if k != "down"}), config_from_dict(d["down"])
     kind = d.get("kind")
     flags = ("mma", "inline_dispatch", "fold_scales")
     if any(d.get(f) for f in _RETIRED_FLAGS):
@@ -58,13 +70,18 @@ def config_from_dict(d: dict) -> Config:
     raise FormatError(f"unknown kernel config kind {kind!r}")
 
 
-def parse_bench_config(value) -> Config | None:
-    """A config as `exq bench kernels` recorded it: a GemmConfig tuple, 'GemvConfig(...)' / 'GemmConfig(...)', or
-    None (the default rule of that run, unknown afterwards)."""
+def parse_bench_config(value) -> LayerConfig | None:
+    """A config as `exq bench kernels` recorded it: a GemmConfig tuple, 'GemvConfig(...)' / 'GemmConfig(...)', a
+    (gate_up, down) pair as 'A + B', or None (the default rule of that run, unknown afterwards)."""
     if value is None:
         return None
     if isinstance(value, list):
         return GemmConfig(*value)
+    if " + " in str(value):
+        parts = str(value).split(" + ")
+        if len(parts) != 2:
+            raise FormatError(f"cannot read kernel config {value!r}")
+        return parse_bench_config(parts[0]), parse_bench_config(parts[1])
     m = re.fullmatch(r"(GemmConfig|GemvConfig)\(([\w, ]+)\)", str(value))
     if not m:
         raise FormatError(f"cannot read kernel config {value!r}")
@@ -104,7 +121,7 @@ def packaged_tables() -> dict[str, dict]:
     return out
 
 
-def choose(table: dict, cls: str, rows_per_expert: float) -> Config | None:
+def choose(table: dict, cls: str, rows_per_expert: float) -> LayerConfig | None:
     entries = [e for e in table["entries"] if e["class"] == cls]
     if not entries:
         return None
