@@ -462,14 +462,14 @@ def test_bench_candidates_are_valid_and_cover_each_tile_kind():
 def test_bench_refines_decode_configs_per_projection():
     """The sweep's decode refinement: each GEMV candidate for one projection against the best on the other, then the
     pair of the two winners (a made-up timer whose best gate_up and down tiles differ)."""
-    from exq.bench.kernels import config_name, per_projection
+    from exq.bench.kernels import per_projection
 
     best, a, b = GemvConfig(64, 2), GemvConfig(32, 4), GemvConfig(128, 1, mma=True)
     cost = {best: (10.0, 10.0), a: (8.0, 12.0), b: (11.0, 7.0)}  # (gate_up, down) µs per config
     times = per_projection(best, 20.0, [best, a, b, GemmConfig(16)], lambda pair: cost[pair[0]][0] + cost[pair[1]][1])
-    assert times[config_name((a, best))] == 18.0 and times[config_name((best, b))] == 17.0
-    assert times[config_name((a, b))] == 15.0 and len(times) == 5  # 2 x 2 one-sided, the pair
+    assert times[a, best] == 18.0 and times[best, b] == 17.0
+    assert times[a, b] == 15.0 and len(times) == 5  # 2 x 2 one-sided, the pair
     slow_gate_up = per_projection(
         best, 20.0, [a], lambda pair: cost[pair[0]][0] + cost[pair[1]][1] + 9 * (pair[0] != best)
     )
-    assert list(slow_gate_up) == [config_name((a, best)), config_name((best, a))]  # gate_up keeps best: no pair
+    assert list(slow_gate_up) == [(a, best), (best, a)]  # gate_up keeps best: no pair

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from exq.bench import PLANS, SHAPES
 from exq.kernels.configs import GemvConfig
-from exq.kernels.tuning import parse_bench_config
 
 
 @dataclass
@@ -216,21 +215,18 @@ def config_name(cfg) -> str:
 def per_projection(best, best_us: float, candidates, time_us: Callable[[object], float]) -> dict:
     """At decode sizes gate_up (K = hidden) and down (K = intermediate) may each want their own GEMV tile: each
     GEMV candidate timed for one projection with the best config (best_us for both) on the other, then the pair
-    of the two winners when both differ from it. Returns {config name: time} of everything timed (the pair last)."""
+    of the two winners when both differ from it. Returns {(gate_up, down): time} of everything timed (that pair
+    last)."""
     gemv = [c for c in candidates if isinstance(c, GemvConfig) and c != best]
     times = {}
     gate_up = down = (best_us, best)
     for c in gemv:
-        for pos in (0, 1):
-            pair = (c, best) if pos == 0 else (best, c)
-            us = times[config_name(pair)] = time_us(pair)
-            if pos == 0:
-                gate_up = min(gate_up, (us, c), key=lambda z: z[0])
-            else:
-                down = min(down, (us, c), key=lambda z: z[0])
-    if gate_up[1] != best and down[1] != best:  # else the best single pair is already timed
-        pair = (gate_up[1], down[1])
-        times[config_name(pair)] = time_us(pair)
+        us = times[c, best] = time_us((c, best))
+        gate_up = min(gate_up, (us, c), key=lambda z: z[0])
+        us = times[best, c] = time_us((best, c))
+        down = min(down, (us, c), key=lambda z: z[0])
+    if gate_up[1] != best and down[1] != best:  # else the winners' pair is already timed
+        times[gate_up[1], down[1]] = time_us((gate_up[1], down[1]))
     return times
 
 
@@ -277,10 +273,9 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
         row["exq_sweep"][name] = us
         best = min(best, (us, cfg), key=lambda z: z[0])
     if isinstance(best[1], GemvConfig):  # decode: the best GEMV tile per projection
-        for name, us in per_projection(best[1], best[0], candidates, ours).items():
-            row["exq_sweep"][name] = us
-            if us < best[0]:
-                best = (us, parse_bench_config(name))
+        for pair, us in per_projection(best[1], best[0], candidates, ours).items():
+            row["exq_sweep"][config_name(pair)] = us
+            best = min(best, (us, pair), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (
         best[0],
         None if best[1] is None else config_name(best[1]),
