@@ -285,10 +285,13 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
 
     int4 = kernel_blocks(random_experts(8, 512, 256, ["int4"] * 8, device=DEVICE))[0]
     mixed = kernel_blocks(random_experts(8, 512, 256, mixed_formats(8, ALL, seed=0), device=DEVICE))[0]
+    bf16 = kernel_blocks(random_experts(8, 512, 256, ["bf16"] * 8, device=DEVICE))[0]
     assert default_config(64, 8, int4).inline_dispatch and default_config(128, 8, mixed).inline_dispatch
+    assert default_config(128, 8, bf16).inline_dispatch
     monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)
     assert default_config(64, 8, int4) == GemmConfig(16, 128, 256, 4, 3)
-    assert default_config(128, 8, mixed) == GemmConfig(16, 128, 128, 4, 4)
+    assert default_config(128, 8, mixed) == GemmConfig(16, 128, 256, 4, 3)
+    assert default_config(128, 8, bf16) == GemmConfig(16, 128, 128, 4, 4)  # one group, dispatched
     assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
 
 
@@ -313,12 +316,13 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert isinstance(default_config(32, 64, many), GemvConfig)  # E / 2 pairs
     assert isinstance(default_config(64, 64, many), GemmConfig)  # E pairs: the 16-row tile wins (v13)
     assert default_config(64, 64, many).block_m == 16
-    # int4 at 16-row tiles with K a multiple of 256: two groups per K iteration, 128 columns (v14); the inline
-    # dispatch up to 256 pairs; a layer with bf16 / int8 experts keeps one-group steps
+    # layers with int4 experts at 16-row tiles with K a multiple of 256: two groups per K iteration, 128 columns
+    # (v14); the inline dispatch up to 256 pairs; all-bf16 layers keep 128-input steps
     wide = kernel_blocks(random_experts(64, 512, 128, ["int4"] * 64, device=DEVICE))[0]
     assert default_config(256, 64, wide) == GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)
     assert default_config(512, 64, wide) == GemmConfig(16, 128, 256, 4, 3)
-    assert default_config(9, 8, blocks["mixed"]).block_k == 128
+    assert default_config(9, 8, blocks["mixed"]) == GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)
+    assert default_config(9, 8, blocks["bf16"]).block_k == 128
     # int4 at a pair or less per 8 experts: 4-group K steps when K allows them; tensor cores when K % 256 != 0
     assert default_config(8, 64, wide) == GemvConfig(32, 4, 4, 2)
     assert default_config(9, 64, wide) == GemvConfig(64, 2, 4, 2)

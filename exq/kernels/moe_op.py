@@ -113,13 +113,14 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             if block.in_features % 256 == 0:
                 return GemvConfig(64, 2, 4, 2)
         return GemvConfig(64, 1, 4, 4, mma=True)
-    # v14 (H100): int4 layers take two groups per K iteration in 128-column tiles: 2-7 % under the one-group tiles
-    # at T = 16-64 on olmoe / qwen3 (qwen3 T = 256 too), Mixtral T = 16 / 64 303.6 / 395.8 vs 360.4 / 427.1 us. With
-    # bf16 / int8 experts the wider step loses (their tiles grow 2x): those keep one group. The inline dispatch up
-    # to 256 pairs, and not for experts too big for L2: its program walks an expert's row blocks one after another,
-    # which the dispatched grid runs side by side (Mixtral T = 64: 493.6 inline vs 395.8 us)
+    # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
+    # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
+    # T = 256 too), Mixtral T = 16 / 64 303.6 / 395.8 vs 360.4 / 427.1 us; the mixed plan 3-6 % at T = 16-64 (qwen3
+    # T = 256 too). The inline dispatch up to 256 pairs, and not for experts too big for L2: its program walks an
+    # expert's row blocks one after another, which the dispatched grid runs side by side (Mixtral T = 64: 493.6
+    # inline vs 395.8 us)
     small = not block.outgrows_l2
-    if per_expert <= 16 and int4_only and block.in_features % 256 == 0:
+    if per_expert <= 16 and block.present & {"int4", "int4-asym"} and block.in_features % 256 == 0:
         return GemmConfig(16, 128, 256, 4, 3, inline_dispatch=pairs <= 256 and small)
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
