@@ -67,13 +67,10 @@ def candidates(table: dict | None):
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
 
-        def step(c) -> int:  # the K step a projection's reduction must divide
-            return 128 * c.split_k * c.groups_per_step if isinstance(c, GemvConfig) else c.block_k
-
         def fits(c) -> bool:  # one config for both projections, or a (gate_up, down) pair from the table
             if isinstance(c, tuple):
-                return h % step(c[0]) == 0 and i % step(c[1]) == 0
-            return h % step(c) == 0 and i % step(c) == 0
+                return h % c[0].k_step == 0 and i % c[1].k_step == 0
+            return h % c.k_step == 0 and i % c.k_step == 0
 
         return list(dict.fromkeys(c for c in out if fits(c)))
 

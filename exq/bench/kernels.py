@@ -171,16 +171,15 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
 
     e, h, i, k = shape
-    tiles = [c for c in OUR_CONFIGS if _fits(c[0], tokens * k, e) and h % c[2] == 0 and i % c[2] == 0]
+    tiles = [c for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
     out = [GemmConfig(*c) for c in tiles]
     if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
         out += [GemmConfig(*c, fold_scales=True) for c in tiles if c[0] >= 64]
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:
-        ok = [c for c in GEMV_CONFIGS if h % (128 * c[1] * c[4]) == 0 and i % (128 * c[1] * c[4]) == 0]
-        out += [GemvConfig(*c) for c in ok if plan == "int4" or c[5]]
-    return out
+        out += [GemvConfig(*c) for c in GEMV_CONFIGS if plan == "int4" or c[5]]
+    return [c for c in out if h % c.k_step == 0 and i % c.k_step == 0]
 
 
 def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):

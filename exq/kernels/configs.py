@@ -33,6 +33,11 @@ class GemmConfig:
     # [BM, BN] accumulator instead of two, which the big prefill tiles need
     fold_scales: bool = False
 
+    @property
+    def k_step(self) -> int:
+        """The inputs one K step covers: a projection's in_features must be a multiple."""
+        return self.block_k
+
     def as_dict(self) -> dict:
         return dict(vars(self))
 
@@ -47,6 +52,11 @@ class GemvConfig:
     num_stages: int = 2
     split_k: int = 1  # > 1: K cut in this many parts, partial sums finished by a reduce kernel
     mma: bool = False  # the dot product on tensor cores (a 16-row tile holding the pair's row), not CUDA cores
+
+    @property
+    def k_step(self) -> int:
+        """The inputs one program's K steps cover over all splits: a projection's in_features must be a multiple."""
+        return 128 * self.groups_per_step * self.split_k
 
     def as_dict(self) -> dict:
         return dict(vars(self))

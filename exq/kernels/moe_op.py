@@ -142,7 +142,7 @@ def _gemm(
     import triton
 
     n_out = block.out_features // 2 if gated else block.out_features
-    if block.in_features % cfg.block_k or (cfg.block_k % 128 if cfg.block_k > 128 else 128 % cfg.block_k):
+    if block.in_features % cfg.k_step or (cfg.block_k % 128 if cfg.block_k > 128 else 128 % cfg.block_k):
         raise ExqError(
             f"block_k {cfg.block_k} must divide in_features {block.in_features} and be a divisor or a multiple of 128"
         )
@@ -198,13 +198,13 @@ def _gemv(
     the last program of each (token, column tile), counted in `counters` (zeroed beforehand)."""
     import triton
 
-    step, split = 128 * cfg.groups_per_step, cfg.split_k
+    split = cfg.split_k
     if cfg.mma and cfg.groups_per_step != 1:
         raise ExqError("the tensor-core GEMV (mma) steps one group of 128 at a time", "use groups_per_step=1")
-    if block.in_features % (step * split):
+    if block.in_features % cfg.k_step:
         raise ExqError(
             f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
-            f"({step * split})"
+            f"({cfg.k_step})"
         )
     pairs = topk_ids.numel()
     top_k = topk_ids.shape[-1]
