@@ -26,6 +26,7 @@ import triton.language as tl
 
 from exq.bench import PLANS, SHAPES
 from exq.bench.kernels import graph_time_us, measure_floors, routing, touched_bytes
+from exq.fileio import atomic_write_bytes
 
 
 @triton.jit
@@ -136,19 +137,21 @@ def _shape(name: str, tokens, layers: int, reps: int, copy_bytes_per_s: float) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("stream_ceiling.py times GPU kernels: run it on a machine with a CUDA GPU")
     floors = measure_floors()
     rows = []
     for name in args.shapes:
         rows += _shape(name, args.tokens, args.layers, args.reps, floors.copy_bytes_per_s)
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "copy_TB_per_s": floors.copy_bytes_per_s / 1e12}
-    args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_bytes(args.output, json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
 
 
 if __name__ == "__main__":
