@@ -17,12 +17,13 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from exq.bench import PLANS, SHAPES
+from exq.bench import PLANS, SHAPES, group_quantized
 from exq.kernels.configs import GemmConfig as G
 from exq.kernels.configs import GemvConfig
 
 MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1))]
-CUDA_CORES = [GemvConfig(32, 4, 4, 2), GemvConfig(64, 2, 4, 2), GemvConfig(32, 2, 4, 2)]  # int4 layers only
+# group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us)
+CUDA_CORES = [GemvConfig(32, 4, 4, 2), GemvConfig(64, 2, 4, 2), GemvConfig(32, 2, 4, 2), GemvConfig(32, 4, 4, 3)]
 
 
 def _inline(c: G) -> G:
@@ -63,7 +64,7 @@ def candidates(table: dict | None):
             out += [config_from_dict(e["config"]) for e in table["entries"]
                     if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
         near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
-        out += (MMA + (CUDA_CORES if plan == "int4" else [])) if tokens <= 4 else BY_TOKENS[near]
+        out += (MMA + (CUDA_CORES if group_quantized(plan) else [])) if tokens <= 4 else BY_TOKENS[near]
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
 

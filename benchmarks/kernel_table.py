@@ -8,7 +8,9 @@ Every (shape, plan, tokens) cell whose best configuration is known becomes an en
 down) pair; where the default rule won: its configurations as the run recorded them, `exq_default_config`, else
 the best swept one from `exq_sweep`), keyed by the layer class and the rows per active expert of that run
 (uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line override earlier ones for the
-same cell (newer kernels); experiment files stay out (their configs may no longer exist).
+same cell (newer kernels); files after --if-faster replace a cell only with a faster time (a targeted run that
+timed a few candidates must not replace a full sweep's better pick); experiment files stay out (their configs may
+no longer exist). Only the plans that are table classes (int4, mixed, bf16) make entries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pathlib import Path
 
 from exq.bench import SHAPES
 from exq.fileio import atomic_write_bytes
-from exq.kernels.tuning import TABLE_FORMAT, TABLE_SCHEMA, config_to_dict, parse_bench_config, validate_table
+from exq.kernels.tuning import (
+    CLASSES,
+    TABLE_FORMAT,
+    TABLE_SCHEMA,
+    config_to_dict,
+    parse_bench_config,
+    validate_table,
+)
 
 
 def rows_per_active_expert(tokens: int, experts: int, k: int) -> float:
@@ -31,14 +40,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--output", required=True, type=Path)
+    ap.add_argument("--if-faster", nargs="+", type=Path, default=[], help="results that replace a cell only if faster")
     a = ap.parse_args()
     cells, gpu = {}, None
-    for path in a.results:
+    for path in a.results + a.if_faster:
         r = json.loads(path.read_text())
         gpu = gpu or r["device"]
         if r["device"] != gpu:
             raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")
         for row in r["rows"]:
+            if row["plan"] not in CLASSES:  # e.g. the int3 plans: their layers share the "mixed" class
+                continue
             cfg, us = parse_bench_config(row.get("exq_config")), row["exq_us"]
             if cfg is None and row.get("exq_default_config"):  # the default rule won: its configs (as recorded)
                 gu, dn = (parse_bench_config(n) for n in row["exq_default_config"])
@@ -49,7 +61,10 @@ def main() -> None:
             if cfg is None:
                 continue
             e, _, _, k = SHAPES[row["shape"]]
-            cells[(row["shape"], row["plan"], row["tokens"])] = {
+            key = (row["shape"], row["plan"], row["tokens"])
+            if path in a.if_faster and key in cells and cells[key]["us"] <= us:
+                continue
+            cells[key] = {
                 "class": row["plan"],
                 "shape": row["shape"],
                 "tokens": row["tokens"],
@@ -61,7 +76,7 @@ def main() -> None:
         "format": TABLE_FORMAT,
         "schema_version": TABLE_SCHEMA,
         "gpu": gpu,
-        "source": [p.name for p in a.results],
+        "source": [p.name for p in a.results + a.if_faster],
         "entries": sorted(cells.values(), key=lambda c: (c["class"], c["rows_per_expert"], c["shape"])),
     }
     validate_table(table, str(a.output))

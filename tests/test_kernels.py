@@ -15,7 +15,7 @@ from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_torch, max
 from exq.kernels.synthetic import mixed_formats, random_experts
 from exq.kernels.tuning import parse_bench_config
 
-ALL = {"bf16": 0.25, "int8": 0.25, "int4": 0.25, "int4-asym": 0.25}
+ALL = {f: 1 / 6 for f in ("bf16", "int8", "int4", "int4-asym", "int3", "int3-asym")}  # every format the kernels run
 
 
 def brute_force_dispatch(ids: list[list[int]], experts: int, block_m: int) -> tuple[list[int], list[int]]:
@@ -106,6 +106,10 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, mma=True)),
         (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),
         (ALL, torch.bfloat16, 2, (GemvConfig(32, 1, 4, 2, mma=True), GemvConfig(32, 1, 4, 2))),  # mma then CUDA cores
+        # int3 (8 codes in 3 bytes): GEMV steps of 2 groups, both int3 formats alone, the folded prefill tile
+        ({"int3": 0.5, "int4": 0.5}, torch.float16, 3, (GemvConfig(32, 2, 4, 2), GemvConfig(64, 1, 4, 2))),
+        ({"int3": 0.5, "int3-asym": 0.5}, torch.bfloat16, 6, GemmConfig(32, 64, 128, 4, 2, inline_dispatch=True)),
+        ({"int3-asym": 0.75, "bf16": 0.25}, torch.float16, 40, GemmConfig(128, 64, 64, 4, 2, fold_scales=True)),
     ],
 )
 def test_fused_moe_matches_torch(shares, dtype, tokens, config):
@@ -169,11 +173,14 @@ def test_split_k_gemv_reduces_partials_and_top_k(dtype, split, mma):
         ("int4-asym", torch.bfloat16, GemvConfig(16, 2, 2, 2)),
         ("int4", torch.bfloat16, GemvConfig(32, 1, 4, 3, mma=True)),  # tensor cores
         ("int4-asym", torch.float16, GemvConfig(32, 1, 4, 2, split_k=2, mma=True)),
+        ("int3", torch.bfloat16, GemvConfig(32, 2, 4, 2)),  # int3: chunk words across two groups per step
+        ("int3-asym", torch.float16, GemvConfig(32, 1, 4, 2, split_k=2)),
+        ("int3", torch.float16, GemvConfig(32, 1, 4, 3, mma=True)),
     ],
 )
-def test_gemv_single_int4_format(fmt, dtype, config):
-    """The GEMV path on layers of one int4 format (the case the runtime sends it), both activation dtypes: the
-    int32-word activation split and the mantissa-bit nibble decode against fp32 torch math."""
+def test_gemv_single_group_format(fmt, dtype, config):
+    """The GEMV path on layers of one group-quantized format (the case the runtime sends it), both activation
+    dtypes: the int32-word activation split and the mantissa-bit code decode against fp32 torch math."""
     experts, hidden, inter, k = 8, 512, 256, 2
     mod = random_experts(experts, hidden, inter, [fmt] * experts, device=DEVICE, seed=5)
     x, w, ids = routing(3, experts, k, 11, hidden, dtype)
@@ -368,10 +375,10 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 2, mma=True))
     with pytest.raises(ExqError, match="divisible by 128"):  # K = 128 cannot split in 2 steps of 128
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, split_k=2, mma=True))
-    int3 = random_experts(4, 128, 128, ["int4"] * 4, device=DEVICE)
-    int3.gate_up.slab_spec[0] = ("int3", 0, 4)
+    int2 = random_experts(4, 128, 128, ["int4"] * 4, device=DEVICE)
+    int2.gate_up.slab_spec[0] = ("int2-asym", 0, 4)
     with pytest.raises(ExqError, match="no fused kernel"):
-        fused_moe(x, w, ids, int3)
+        fused_moe(x, w, ids, int2)
 
 
 def test_bench_without_a_gpu_says_so(capsys, tmp_path, monkeypatch):
@@ -447,16 +454,19 @@ def test_grouped_row_block_order_gives_the_same_bits(group, monkeypatch):
 def test_bench_candidates_are_valid_and_cover_each_tile_kind():
     """Every config `exq bench kernels` sweeps passes the op's validation, and each regime gets its tile kinds:
     inline-dispatch small tiles at decode sizes, folded big tiles at prefill (never for all-bf16 layers)."""
-    from exq.bench import SHAPES
+    from exq.bench import PLANS, SHAPES, group_quantized
     from exq.bench.kernels import default_candidates
     from exq.kernels.moe_op import _check_config
 
-    for plan in ("int4", "mixed", "bf16"):
+    for plan in PLANS:
         for t in (1, 4, 16, 64, 256, 1024, 4096):
             cands = default_candidates(plan, t, SHAPES["olmoe-1b-7b"])
             assert cands and len(set(cands)) == len(cands)
             for c in cands:
                 _check_config(c)
+            if t == 1:  # the CUDA-core GEMV only where every expert is group-quantized (int4 / int3)
+                cuda_cores = any(isinstance(c, GemvConfig) and not c.mma for c in cands)
+                assert cuda_cores == group_quantized(plan) == (plan in ("int4", "int3"))
             big = [c for c in cands if isinstance(c, GemmConfig) and c.fold_scales]
             assert (plan != "bf16" and t >= 1024) <= bool(big) and (plan != "bf16" or not big)
             if t in (16, 64):

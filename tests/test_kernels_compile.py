@@ -22,6 +22,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, two groups per K iteration": ("gemm", 16, 128, 256, 4, "all", {"ROUTE_PP": 512}),
     "prefill tile, scales folded": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True}),
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
+    "CUDA-core GEMV, every format, 2-group K steps": ("gemv", 0, 32, 128, 4, "all", {"MMA": False, "GPS": 2}),
 }
 
 CHILD = r"""
@@ -34,9 +35,11 @@ from exq.kernels import moe_gemm
 PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fmt_ptr": "*i32",
         "slot_ptr": "*i32", "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
-        "sa": "*fp16", "za": "*u8"}
-FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_ASYM=False),
-           "all": dict(HAS_BF16=True, HAS_INT8=True, HAS_INT4=True, HAS_INT4_ASYM=True)}
+        "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8"}
+FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_ASYM=False, HAS_INT3=False,
+                        HAS_INT3_ASYM=False),
+           "all": dict(HAS_BF16=True, HAS_INT8=True, HAS_INT4=True, HAS_INT4_ASYM=True, HAS_INT3=True,
+                       HAS_INT3_ASYM=True)}
 MAGIC = dict(DT=tl.bfloat16, MAGIC_BITS=0x4300, MAGIC_BASE=128, PTX=True)
 
 def compile_sm90(fn, consts, warps):

@@ -190,8 +190,8 @@ def test_bad_checkpoints_are_refused_with_a_reason(checkpoint):
     from exq.integrations.sglang_method import ExqConfig
 
     _, qc = _quant_config(checkpoint)
-    with pytest.raises(ExqError, match="int3"):
-        ExqConfig(qc | {"formats": qc["formats"] | {"int3": {}}})
+    with pytest.raises(ExqError, match="int2-asym"):
+        ExqConfig(qc | {"formats": qc["formats"] | {"int2-asym": {}}})
     with pytest.raises(ExqError, match="version"):
         ExqConfig(qc | {"checkpoint_version": 999})
     with pytest.raises(ExqError, match="no experts module"):

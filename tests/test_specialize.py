@@ -80,7 +80,8 @@ def test_layer_class_and_fit():
     assert layer_class({"int4", "int4-asym"}) == "int4"
     assert layer_class({"bf16"}) == "bf16"
     assert layer_class({"int4", "bf16", "int8"}) == "mixed"
-    assert layer_class({"int4", "int3"}) is None
+    assert layer_class({"int4", "int3"}) == "mixed"
+    assert layer_class({"int4", "int2-asym"}) is None
     assert fit_config(GemvConfig(32, 4), 2048, 1408).groups_per_step == 1  # 1408 = 11 x 128
     assert fit_config(GemvConfig(32, 4), 2048, 1024).groups_per_step == 4
     assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 1408).split_k == 1  # 11 groups: no even split
@@ -96,12 +97,12 @@ def test_plans_carry_the_specialisation(demo_profile, tmp_path):
     from exq.compiler import Artifact, compile_plan
     from exq.errors import FormatError
 
-    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym,int3")
+    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym,int2-asym")
     assert set(art.kernels) == set(packaged_tables())
     for layers in art.kernels.values():
         for li, entry in enumerate(layers):
             fmts = set(art.experts[li]["gate_up"]) | set(art.experts[li]["down"])
-            if "int3" in fmts:
+            if "int2-asym" in fmts:
                 assert entry is None
             else:
                 assert entry["class"] == layer_class(fmts) and "1" in entry["configs"]
@@ -185,3 +186,38 @@ def test_loaded_checkpoint_runs_the_fused_op(demo_profile, tmp_path, monkeypatch
     kl = (logits["off"].exp() * (logits["off"] - logits["on"])).sum(-1).mean()
     assert len(calls) == len(art.experts)  # every MoE layer went through the op once, only with kernels on
     assert float(kl) < 1e-3
+
+
+def test_kernel_table_merges_runs(tmp_path):
+    """benchmarks/kernel_table.py: later files override a cell, files after --if-faster only with a faster time, and
+    plans that are not table classes (int3) make no entry."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def row(plan, tokens, cfg, us):
+        return {"shape": "olmoe-1b-7b", "plan": plan, "tokens": tokens, "exq_config": cfg, "exq_us": us}
+
+    runs = {
+        "a.json": [row("int4", 1, "GemvConfig(32, 4, 4, 2, 1, False)", 20.0),
+                   row("int4", 4, "GemvConfig(64, 2, 4, 2, 1, False)", 50.0)],
+        "b.json": [row("int4", 1, "GemvConfig(64, 1, 4, 4, 1, True)", 21.0),
+                   row("int4", 4, "GemmConfig(16, 128, 256, 4, 3, True, False)", 49.0),
+                   row("int3", 1, "GemvConfig(32, 1, 4, 2, 1, False)", 40.0)],
+    }  # fmt: skip
+    for name, rows in runs.items():
+        (tmp_path / name).write_text(json.dumps({"device": "GPU X", "rows": rows}))
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_table.py"
+
+    def table(*args) -> dict:
+        out = tmp_path / "t.json"
+        subprocess.run([sys.executable, str(script), *args, "--output", str(out)], check=True, cwd=tmp_path,
+                       capture_output=True)  # fmt: skip
+        return {e["tokens"]: (e["config"], e["us"]) for e in json.loads(out.read_text())["entries"]}
+
+    later = table("a.json", "b.json")
+    assert later[1] == ({"kind": "gemv", **GemvConfig(64, 1, 4, 4, 1, True).as_dict()}, 21.0)
+    faster = table("a.json", "--if-faster", "b.json")
+    assert faster[1] == ({"kind": "gemv", **GemvConfig(32, 4, 4, 2).as_dict()}, 20.0)
+    assert faster[4][1] == 49.0 and faster[4][0]["kind"] == "gemm"
+    assert set(faster) == {1, 4}  # the int3 row made no entry

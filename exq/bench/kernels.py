@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exq.bench import PLANS, SHAPES
+from exq.bench import PLANS, SHAPES, group_quantized
 from exq.kernels.configs import GemvConfig
 
 
@@ -125,6 +125,7 @@ GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma)
     (64, 2, 4, 2, 1, False),
     (128, 2, 8, 2, 1, False),
     (32, 4, 4, 2, 1, False),
+    (32, 4, 4, 3, 1, False),  # v15: gate_up at T = 1 (olmoe, qwen3)
     (32, 1, 4, 2, 2, False),
     (32, 1, 4, 2, 4, False),
     (64, 1, 4, 2, 4, False),
@@ -166,7 +167,8 @@ def _fits(block_m: int, pairs: int, experts: int) -> bool:
 
 def default_candidates(plan: str, tokens: int, shape) -> list:
     """The configurations a sweep times for one cell: tensor-core row blocks that fit the rows per expert, and at
-    decode sizes the GEMV paths (CUDA-core GEMV for int4 only: with bf16 / int8 experts it is far slower)."""
+    decode sizes the GEMV paths (CUDA-core GEMV for group-quantized experts only: with bf16 / int8 experts it is far
+    slower)."""
     from exq.kernels import GemmConfig
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
 
@@ -178,7 +180,7 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:
-        out += [GemvConfig(*c) for c in GEMV_CONFIGS if plan == "int4" or c[5]]
+        out += [GemvConfig(*c) for c in GEMV_CONFIGS if group_quantized(plan) or c[5]]
     return [c for c in out if h % c.k_step == 0 and i % c.k_step == 0]
 
 

@@ -5,7 +5,8 @@ the inline dispatch the tiles of one expert's row blocks, found in topk_ids by t
 that expert's format code and slot, and streams the weights from the slab of that format, exactly as the checkpoint
 stores them (`exq.formats`): bf16 [n, out, in]; int8 codes [n, out, in] (code - 128) with one fp16 scale per output
 row; int4 codes [n, out, in / 2], element 2j in the low nibble of byte j, one fp16 scale (and for int4-asym a uint8
-zero point) per 128 inputs.
+zero point) per 128 inputs; int3 codes [n, out, 3 in / 8], 8 codes in 3 bytes (code j in bits 3j .. 3j + 2), scales
+(and int3-asym's zero points) per 128 inputs like int4.
 
 Integer codes minus their offset are exact in bf16/fp16, so the tensor-core dot runs on raw codes and the group scale
 multiplies the fp32 partial sum once per group, not every weight (FOLD, for the big prefill tiles: the scale
@@ -203,10 +204,84 @@ def _tile_int4(
 
 
 @triton.jit
+def _int3_chunks(w32, t):
+    """Three int32 words hold four 8-code chunks (3 bytes each, little end first): the 24-bit words of chunks
+    4t + m, m = 0..3, for the word triples at w32 + 3t."""
+    x0 = tl.load(w32 + 3 * t)
+    x1 = tl.load(w32 + 3 * t + 1)
+    x2 = tl.load(w32 + 3 * t + 2)
+    c0 = x0 & 0xFFFFFF
+    c1 = ((x0 >> 24) & 0xFF) | ((x1 & 0xFFFF) << 8)
+    c2 = ((x1 >> 16) & 0xFFFF) | ((x2 & 0xFF) << 16)
+    c3 = (x2 >> 8) & 0xFFFFFF
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _code_values(word, shift, off):
+    """3-bit codes at bit `shift` of each word, minus off, as exact fp32: exponent bits (2^23 + code), no I2F."""
+    return (((word >> shift) & 7) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + off)
+
+
+@triton.jit
+def _int3_dot(acc, c, m: tl.constexpr, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN: tl.constexpr,
+              DT: tl.constexpr, FOLD: tl.constexpr):  # fmt: skip
+    """acc + the product of chunks 4t + m of a group (c: [4, BN] words, t = 0..3) with their activation columns:
+    code j of chunk 4t + m is input 32t + 8m + j, so the codes [4, 8, BN] reshape to K = 32 rows in order and the
+    activations load as four contiguous runs of 8."""
+    j = tl.arange(0, 8)
+    w = _code_values(c[:, None, :], 3 * j[None, :, None], off)  # [4, 8, BN]
+    if FOLD:
+        w = w * scale.to(tl.float32)[None, None, :]
+    w = tl.reshape(w, (32, BN)).to(DT)
+    q = tl.arange(0, 32)
+    cols = tl.max_contiguous(tl.multiple_of(k0 + 32 * (q // 8) + 8 * m + q % 8, 8), 8)
+    return tl.dot(_a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT), w, acc)
+
+
+@triton.jit
+def _tile_int3(
+    a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, z_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
+    KS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
+    FOLD: tl.constexpr = False,
+):  # fmt: skip
+    """int3 codes, 8 per 3 bytes (code j of a chunk in bits 3j .. 3j + 2), one scale (and zero point) per 128
+    inputs, read as int32 words (w_ptr: the codes viewed as int32; a group is 12 words per row). A K step is one
+    group: four dots of K = 32 (`_int3_dot`). FOLD as for int4."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    groups: tl.constexpr = K // 128
+    words: tl.constexpr = K * 3 // 32  # int32 words per row
+    t = tl.arange(0, 4)[:, None]
+    base = w_ptr + slot * (N * words) + rows[None, :].to(tl.int64) * words
+    sbase = slot * (N * groups) + rows.to(tl.int64) * groups
+    for k0 in range(k_lo, k_lo + KS, 128):
+        c0, c1, c2, c3 = _int3_chunks(base + k0 // 128 * 12, t)  # [4, BN] each
+        scale = tl.load(s_ptr + sbase + k0 // 128)
+        if ASYM:
+            off = tl.load(z_ptr + sbase + k0 // 128).to(tl.float32)[None, None, :]
+        else:
+            off = 4.0
+        if FOLD:
+            part = acc
+        else:
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+        part = _int3_dot(part, c0, 0, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+        part = _int3_dot(part, c1, 1, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+        part = _int3_dot(part, c2, 2, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+        part = _int3_dot(part, c3, 3, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+        if FOLD:
+            acc = part
+        else:
+            acc += part * scale.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _expert_tile(
     a_ptr, a32_ptr, a_rows, a_mask, stride_am, fmt, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
-    KS: tl.constexpr, w16, w8, s8, w4, s4, wa, sa, za,
+    KS: tl.constexpr, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     FOLD: tl.constexpr = False,
@@ -232,6 +307,14 @@ def _expert_tile(
         if fmt == 3:
             acc = _tile_int4(a_ptr, a32_ptr, a_rows, a_mask, stride_am, wa, sa, za, slot, rows, N, K, k_lo, KS, True,
                              BM, BN, BK, DT, MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+    if HAS_INT3:
+        if fmt == 4:
+            acc = _tile_int3(a_ptr, a_rows, a_mask, stride_am, w3, s3, s3, slot, rows, N, K, k_lo, KS, False,
+                             BM, BN, DT, FOLD)  # fmt: skip
+    if HAS_INT3_ASYM:
+        if fmt == 5:
+            acc = _tile_int3(a_ptr, a_rows, a_mask, stride_am, w3a, s3a, z3a, slot, rows, N, K, k_lo, KS, True,
+                             BM, BN, DT, FOLD)  # fmt: skip
     return acc
 
 
@@ -254,11 +337,12 @@ def _out_columns(pid_n, N: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, ids_ptr, fmt_ptr, slot_ptr,
-    w16, w8, s8, w4, s4, wa, sa, za,
+    w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     P, E, stride_am, stride_cm,
     N: tl.constexpr, K: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1,
@@ -302,27 +386,30 @@ def moe_gemm_kernel(
         j = tl.arange(0, BM)
         for r0 in range(0, count, BM):
             pairs = tl.load(row + r0 + j, mask=r0 + j < count, other=P)
-            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr,
+                       w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
                        pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
-                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
             pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
-            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr,
+                       w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
                        pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
-                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
 
 
 @triton.jit
 def _row_block(
-    a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za,
+    a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     pairs, e, pid_n, P, stride_am, stride_cm,
     N: tl.constexpr, K: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     FOLD: tl.constexpr,
@@ -334,8 +421,8 @@ def _row_block(
     slot = tl.load(slot_ptr + e).to(tl.int64)
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
     acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
-                       w16, w8, s8, w4, s4, wa, sa, za,
-                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, BM, BN, BK, DT,
+                       w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
+                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     if GATED:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -355,9 +442,10 @@ def _row_block(
 
 @triton.jit
 def _gemv_rows(
-    a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo, kb_hi,
+    a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a, fmt, slot, rows, kb_lo, kb_hi,
     N: tl.constexpr, K: tl.constexpr, A_BF16: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BN: tl.constexpr, GPS: tl.constexpr,
 ):  # fmt: skip
     """[BN] fp32 = W[rows] . a for one activation row, with CUDA-core FMAs (no tensor-core staging).
@@ -395,6 +483,12 @@ def _gemv_rows(
             if fmt == 3:
                 b, sc, z = _int4_loads(wa, sa, za, slot, r64, kb, N, K, True, GPS)
                 acc += _int4_math(b, sc, z, a_even, a_odd)
+        if HAS_INT3:
+            if fmt == 4:
+                acc += _int3_gemv(w3, s3, s3, slot, r64, kb, N, K, False, GPS, a32_ptr, a_row, A_BF16, a_even, a_odd)
+        if HAS_INT3_ASYM:
+            if fmt == 5:
+                acc += _int3_gemv(w3a, s3a, z3a, slot, r64, kb, N, K, True, GPS, a32_ptr, a_row, A_BF16, a_even, a_odd)
     if HAS_INT8:
         if fmt == 1:
             acc = acc * tl.load(s8 + slot * N + rows).to(tl.float32)
@@ -427,6 +521,43 @@ def _int4_loads(w_ptr, s_ptr, z_ptr, slot, r64, kb, N: tl.constexpr, K: tl.const
 
 
 @triton.jit
+def _int3_gemv(w_ptr, s_ptr, z_ptr, slot, r64, kb, N: tl.constexpr, K: tl.constexpr, ASYM: tl.constexpr,
+               GPS: tl.constexpr, a32_ptr, a_row, A_BF16: tl.constexpr, a_even, a_odd):  # fmt: skip
+    """[BN] fp32 scaled sum over one K step (GPS groups from int4-byte offset kb) of an int3 expert (w_ptr: its
+    codes as int32 words, 12 per row per group): chunk words [BN, GPS, 4] per m (`_int3_gemv_part`); the offset
+    leaves the loop as z * sum(a) over the step's even / odd columns."""
+    groups: tl.constexpr = K // 128
+    words: tl.constexpr = K * 3 // 32
+    g = kb // 64 + tl.arange(0, GPS)
+    t = tl.arange(0, 4)
+    c0, c1, c2, c3 = _int3_chunks(w_ptr + slot * (N * words) + r64[:, None, None] * words
+                                  + (12 * g)[None, :, None], t[None, None, :])  # fmt: skip
+    a_base = a32_ptr + a_row * (K // 2) + (64 * g)[:, None, None] + 16 * t[None, :, None]
+    s = _int3_gemv_part(c0, 0, a_base, A_BF16)
+    s += _int3_gemv_part(c1, 1, a_base, A_BF16)
+    s += _int3_gemv_part(c2, 2, a_base, A_BF16)
+    s += _int3_gemv_part(c3, 3, a_base, A_BF16)
+    sidx = slot * (N * groups) + r64[:, None] * groups + g[None, :]
+    if ASYM:
+        z = tl.load(z_ptr + sidx).to(tl.float32)
+    else:
+        z = 4.0
+    part = s - z * tl.sum(a_even + a_odd, axis=1)[None, :]
+    return tl.sum(part * tl.load(s_ptr + sidx).to(tl.float32), axis=1)
+
+
+@triton.jit
+def _int3_gemv_part(c, m: tl.constexpr, a_base, A_BF16: tl.constexpr):
+    """[BN, GPS] sums over chunks 4t + m (c: [BN, GPS, 4] words): codes 2q / 2q + 1 of chunk 4t + m are inputs
+    32t + 8m + 2q (+ 1), the two halves of activation word 16t + 4m + q of the group."""
+    q = tl.arange(0, 4)
+    ae, ao = _a_columns(tl.load(a_base + 4 * m + q[None, None, :]), A_BF16)  # [GPS, 4, 4]
+    cw = c[:, :, :, None]
+    prod = _code_values(cw, 6 * q, 0.0) * ae[None] + _code_values(cw, 6 * q + 3, 0.0) * ao[None]
+    return tl.sum(tl.sum(prod, axis=3), axis=2)
+
+
+@triton.jit
 def _int4_math(b, scale, z, a_even, a_odd):
     """[BN] fp32 scaled sum over one step's GPS groups, with no int->float conversion (a quarter of the FMA rate).
 
@@ -447,11 +578,12 @@ def _int4_math(b, scale, z, a_even, a_odd):
 @triton.jit
 def moe_gemv_kernel(
     a_ptr, a32_ptr, c_ptr, ws_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
-    w16, w8, s8, w4, s4, wa, sa, za,
+    w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     E, P,
     N: tl.constexpr, K: tl.constexpr, A_BF16: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
+    HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
     TOP_K: tl.constexpr, KSP: tl.constexpr, ZERO_NT: tl.constexpr, ZERO_NTP: tl.constexpr,
     MMA: tl.constexpr = False, DT: tl.constexpr = tl.bfloat16, MAGIC_BITS: tl.constexpr = 0,
@@ -496,13 +628,14 @@ def moe_gemv_kernel(
         if MMA:
             r = tl.arange(0, 16)
             tile = _expert_tile(a_ptr, a32_ptr, a_row + r * 0, r == 0, K, fmt, slot, rows, N, K, 2 * kb_lo, K // SPLIT,
-                                w16, w8, s8, w4, s4, wa, sa, za, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
+                                w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
+                                HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM,
                                 16, BN, 128, DT, MAGIC_BITS, MAGIC_BASE, False, PTX)  # fmt: skip
             acc = tl.sum(tile, axis=0)  # rows 1..15 are zero
         else:
-            acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, fmt, slot, rows, kb_lo,
-                             kb_lo + K // 2 // SPLIT, N, K, A_BF16, HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM,
-                             BN, GPS)  # fmt: skip
+            acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a, fmt, slot,
+                             rows, kb_lo, kb_lo + K // 2 // SPLIT, N, K, A_BF16,
+                             HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BN, GPS)  # fmt: skip
     if GATED:
         if valid:  # a program-uniform branch, not a scalar folded into the mask (newer interpreters reject that)
             if SPLIT > 1:

@@ -28,7 +28,7 @@ class KernelBlock:
     in_features: int
     fmt: torch.Tensor  # int32 [E]
     slot: torch.Tensor  # int32 [E]
-    tensors: dict[str, torch.Tensor]  # w16, w8, s8, w4, s4, wa, sa, za (absent formats: a 1-element placeholder)
+    tensors: dict[str, torch.Tensor]  # _SLOT_NAMES of every format (absent ones: a 1-element placeholder)
     present: frozenset[str]
 
     @property
@@ -49,17 +49,32 @@ class KernelBlock:
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
         ids = range(self.num_experts) if experts is None else experts.tolist()
-        names = {0: ("w16",), 1: ("w8", "s8"), 2: ("w4", "s4"), 3: ("wa", "sa", "za")}
         total = 0
         for e in ids:
-            f = int(self.fmt[e])
-            for n in names[f]:
+            for n in _SLOT_NAMES[_FORMAT_NAMES[int(self.fmt[e])]]:
                 t = self.tensors[n]
                 total += t[0].numel() * t.element_size()
         return total
 
 
-_SLOT_NAMES = {"bf16": ("w16",), "int8": ("w8", "s8"), "int4": ("w4", "s4"), "int4-asym": ("wa", "sa", "za")}
+# the kernels' slab arguments per format (codes, scales, zero points), in their argument order
+_SLOT_NAMES = {
+    "bf16": ("w16",),
+    "int8": ("w8", "s8"),
+    "int4": ("w4", "s4"),
+    "int4-asym": ("wa", "sa", "za"),
+    "int3": ("w3", "s3"),
+    "int3-asym": ("w3a", "s3a", "z3a"),
+}
+_SLAB_ARGS = tuple(n for names in _SLOT_NAMES.values() for n in names)
+_FORMAT_NAMES = {code: name for name, code in KERNEL_FORMATS.items()}
+
+
+def _slab_launch_args(block: KernelBlock) -> tuple[list[torch.Tensor], dict[str, bool]]:
+    """Every format's slab tensors in the kernels' argument order, and the HAS_<format> flags that compile the
+    absent formats' branches away."""
+    flags = {"HAS_" + name.upper().replace("-", "_"): name in block.present for name in _SLOT_NAMES}
+    return [block.tensors[n] for n in _SLAB_ARGS], flags
 
 
 def kernel_block(block) -> KernelBlock:
@@ -82,11 +97,11 @@ def kernel_block(block) -> KernelBlock:
             ex = block.order[pos]
             fmt[ex], slot[ex] = KERNEL_FORMATS[name], pos - start
         present.add(name)
-        parts = (
-            (slab.weight,)
-            if name == "bf16"
-            else (slab.codes, slab.scales) + ((slab.zeros,) if name == "int4-asym" else ())
-        )
+        if name == "bf16":
+            parts = (slab.weight,)
+        else:
+            codes = slab.codes.view(torch.int32) if FORMATS[name].bits == 3 else slab.codes  # int3: read as words
+            parts = (codes, slab.scales) + (() if FORMATS[name].symmetric else (slab.zeros,))
         tensors.update(zip(_SLOT_NAMES[name], parts, strict=True))
     for names in _SLOT_NAMES.values():
         for n in names:
@@ -148,7 +163,6 @@ def _gemm(
         )
     if a.stride(0) != block.in_features:  # the int4 tile reads A rows as int32 words at stride K / 2
         raise ExqError(f"activations must be contiguous rows of {block.in_features}, got stride {a.stride(0)}")
-    t = block.tensors
     n_tiles = triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n)
     if disp is None:
         ids = topk_ids.reshape(-1)
@@ -163,13 +177,11 @@ def _gemm(
     dt, magic, ptx = _dot_types(a)
     grouped = disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M and block.outgrows_l2
     group = configs.GROUP_ROW_BLOCKS if grouped else 1
+    slabs, has = _slab_launch_args(block)
     moe_gemm_kernel[grid](
-        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot,
-        t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
+        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot, *slabs,
         pairs, block.num_experts, a.stride(0), c.stride(0),
-        N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w,
-        HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
-        HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
+        N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w, **has,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
@@ -212,16 +224,14 @@ def _gemv(
     ws = c
     if split > 1 or not gated:
         ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device)
-    t = block.tensors
     grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
     dt, magic, ptx = _dot_types(a)
+    slabs, has = _slab_launch_args(block)
     moe_gemv_kernel[grid](
-        a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot,
-        t["w16"], t["w8"], t["s8"], t["w4"], t["s4"], t["wa"], t["sa"], t["za"],
+        a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot, *slabs,
         block.num_experts, pairs,
         N=block.out_features, K=block.in_features, A_BF16=a.dtype == torch.bfloat16, A_DIV=a_div, GATED=gated,
-        MUL_W=mul_w, HAS_BF16="bf16" in block.present, HAS_INT8="int8" in block.present,
-        HAS_INT4="int4" in block.present, HAS_INT4_ASYM="int4-asym" in block.present,
+        MUL_W=mul_w, **has,
         BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, TOP_K=top_k, KSP=triton.next_power_of_2(top_k * split),
         ZERO_NT=zero_nt, ZERO_NTP=triton.next_power_of_2(max(zero_nt, 1)),
         MMA=cfg.mma, DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx,

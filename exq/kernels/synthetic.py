@@ -10,13 +10,11 @@ from exq.quant.apply import slab_tensors
 from exq.quant.codec import quantize_rtn
 from exq.runtime.experts import QuantizedExperts, slab_key
 
-SLAB_ORDER = ("bf16", "int8", "int4", "int4-asym")
-
 
 def layout_for(formats: list[str]) -> dict:
     """Experts grouped into per-format slabs (the layout pass's order: slab by slab, ids ascending within)."""
     order, slabs = [], []
-    for f in sorted(set(formats), key=SLAB_ORDER.index):
+    for f in sorted(set(formats), key=list(FORMATS).index):
         ids = [e for e, g in enumerate(formats) if g == f]
         slabs.append([f, len(order), len(ids)])
         order += ids

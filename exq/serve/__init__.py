@@ -46,7 +46,7 @@ def prepare(
 ) -> Path:
     """An exq checkpoint folder for `model`: itself if it is one, else profile -> sensitivity -> compile -> quantize
     into work_dir, every stage's file cached there and reused when its inputs are unchanged. Serving on a GPU, the
-    candidate formats default to those the fused kernels run (an int3 expert would send its layer to torch)."""
+    candidate formats default to the fused kernels' fast ones (`SERVING_FORMATS`: no int3, no int2)."""
     p = Path(model).expanduser()
     if _is_exq_checkpoint(p):
         if budget is not None:
@@ -58,13 +58,13 @@ def prepare(
             "add --budget (e.g. --budget int4) to quantize it first, or give a folder written by `exq quantize`",
         )
     from exq.fileio import sha256_file
-    from exq.kernels.configs import KERNEL_FORMATS
+    from exq.kernels.configs import SERVING_FORMATS
     from exq.models.loading import resolve_device
     from exq.pipeline import compile_from_model, quantize_to_checkpoint
     from exq.quant.checkpoint import PLAN_FILE, read_quantization_config
 
     if formats is None and resolve_device(device).type == "cuda":
-        formats = ",".join(KERNEL_FORMATS)
+        formats = ",".join(SERVING_FORMATS)
     files = [Path(f) for f in corpus] if corpus else default_corpus()
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model).rstrip("/").split("/")[-1])
     work = Path(work_dir) if work_dir else Path("runs") / "serve" / slug
