@@ -106,9 +106,12 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, mma=True)),
         (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),
         (ALL, torch.bfloat16, 2, (GemvConfig(32, 1, 4, 2, mma=True), GemvConfig(32, 1, 4, 2))),  # mma then CUDA cores
-        # int3 (8 codes in 3 bytes): GEMV steps of 2 groups, both int3 formats alone, the folded prefill tile
+        # int3 (8 codes in 3 bytes): GEMV steps of 2 groups; layers of int3 only take the byte-gather tile up to 32
+        # rows (folded scales too) and the word tile beyond, layers with other formats the word tile everywhere
         ({"int3": 0.5, "int4": 0.5}, torch.float16, 3, (GemvConfig(32, 2, 4, 2), GemvConfig(64, 1, 4, 2))),
         ({"int3": 0.5, "int3-asym": 0.5}, torch.bfloat16, 6, GemmConfig(32, 64, 128, 4, 2, inline_dispatch=True)),
+        ({"int3-asym": 1.0}, torch.float16, 9, GemmConfig(16, 64, 128, 4, 2, fold_scales=True)),
+        ({"int3": 1.0}, torch.bfloat16, 40, GemmConfig(64, 64, 128, 4, 2)),
         ({"int3-asym": 0.75, "bf16": 0.25}, torch.float16, 40, GemmConfig(128, 64, 64, 4, 2, fold_scales=True)),
     ],
 )
@@ -487,3 +490,21 @@ def test_bench_refines_decode_configs_per_projection():
         best, 20.0, [a], lambda pair: cost[pair[0]][0] + cost[pair[1]][1] + 9 * (pair[0] != best)
     )
     assert list(slow_gate_up) == [(a, best), (best, a)]  # gate_up keeps best: no pair
+
+
+def test_bench_report_plots_any_plans(tmp_path):
+    """The table and plot of `exq bench kernels` take whatever plans a run timed (an int3-only shape had no line to
+    draw and failed on its log axis)."""
+    from exq.bench import report
+
+    def row(shape, plan, t, us):
+        return {"shape": shape, "plan": plan, "tokens": t, "pairs": 8 * t, "hbm_floor_us": us / 3, "exq_us": us,
+                "exq_pct_of_hbm_floor": 100 / 3, "compute_floor_us": 0.1 * t}  # fmt: skip
+
+    rows = [row("olmoe-1b-7b", "int4", t, 20.0 * t) for t in (1, 4)]
+    rows += [row("qwen3-30b-a3b", p, t, 40.0 * t) for p in ("int3", "mixed-int3") for t in (1, 4)]
+    result = {"device": "GPU", "torch": "2", "triton": "3", "sglang": None, "layers_per_graph": 8, "reps": 50,
+              "floors": {"copy_bytes_per_s": 3e12, "bf16_flops": 8e14}, "rows": rows}  # fmt: skip
+    assert report.plot(result, tmp_path / "k.png").stat().st_size > 0
+    table = report.markdown(result)
+    assert "| qwen3-30b-a3b | 4 | mixed-int3 |" in table and table.count("\n| ") == len(rows) + 1

@@ -23,6 +23,9 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "prefill tile, scales folded": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True}),
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
     "CUDA-core GEMV, every format, 2-group K steps": ("gemv", 0, 32, 128, 4, "all", {"MMA": False, "GPS": 2}),
+    "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
+    "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),
+    "prefill tile, int3-only layer (words)": ("gemm", 128, 128, 64, 8, "int3", {"FOLD": True}),
 }
 
 CHILD = r"""
@@ -39,7 +42,9 @@ PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "ws_ptr": "*fp32"
 FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_ASYM=False, HAS_INT3=False,
                         HAS_INT3_ASYM=False),
            "all": dict(HAS_BF16=True, HAS_INT8=True, HAS_INT4=True, HAS_INT4_ASYM=True, HAS_INT3=True,
-                       HAS_INT3_ASYM=True)}
+                       HAS_INT3_ASYM=True),
+           "int3": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=False, HAS_INT4_ASYM=False, HAS_INT3=True,
+                        HAS_INT3_ASYM=True)}
 MAGIC = dict(DT=tl.bfloat16, MAGIC_BITS=0x4300, MAGIC_BASE=128, PTX=True)
 
 def compile_sm90(fn, consts, warps):

@@ -42,8 +42,9 @@ def plot(result: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         rows = [r for r in result["rows"] if r["shape"] == shape]
-        for plan, style in (("int4", "-o"), ("mixed", "-s"), ("bf16", "-^")):
+        for i, plan in enumerate(dict.fromkeys(r["plan"] for r in rows)):  # every plan the run timed
             pr = [r for r in rows if r["plan"] == plan]
+            style = "-" + "os^vDp"[i % 6]
             ax.plot([r["tokens"] for r in pr], [r["exq_us"] for r in pr], style, label=f"exq {plan}")
             ax.plot([r["tokens"] for r in pr], [r["hbm_floor_us"] for r in pr], ":", color="gray")
         i4 = [r for r in rows if r["plan"] == "int4" and "sglang_default_us" in r]

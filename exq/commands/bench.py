@@ -21,7 +21,13 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p.add_argument("what", choices=["kernels"])
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=positive_int, default=list(TOKENS))
-    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(DEFAULT_PLANS), help="format plans to time")
+    p.add_argument(
+        "--plans",
+        nargs="+",
+        choices=list(PLANS),
+        default=list(DEFAULT_PLANS),
+        help="format plans to time (int3 / mixed-int3 only when named)",
+    )
     p.add_argument("--layers", type=positive_int, default=8, help="distinct layers per CUDA graph (default 8)")
     p.add_argument("--reps", type=positive_int, default=50, help="graph replays; the median is reported")
     p.add_argument("--sglang-wheel", help="an sglang wheel (pip download sglang --no-deps) for the INT4 baseline")

@@ -243,32 +243,53 @@ def _int3_dot(acc, c, m: tl.constexpr, k0, a_ptr, a_rows, a_mask, stride_am, off
 def _tile_int3(
     a_ptr, a_rows, a_mask, stride_am, w_ptr, s_ptr, z_ptr, slot, rows, N: tl.constexpr, K: tl.constexpr, k_lo,
     KS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, BYTES: tl.constexpr = False,
 ):  # fmt: skip
     """int3 codes, 8 per 3 bytes (code j of a chunk in bits 3j .. 3j + 2), one scale (and zero point) per 128
-    inputs, read as int32 words (w_ptr: the codes viewed as int32; a group is 12 words per row). A K step is one
-    group: four dots of K = 32 (`_int3_dot`). FOLD as for int4."""
+    inputs; w_ptr is the codes viewed as int32 words (12 per row per group). A K step is one group, in one of two
+    forms (v15, `_expert_tile` picks):
+    - words: the group's words through the cp.async pipeline, 4 dots of K = 32 (`_int3_dot`); the decoded codes
+      reach the MMA through shared memory (the K-order reshape);
+    - BYTES: each chunk's 3 bytes gathered from global memory (only the raw bytes pass through shared memory, 8x
+      fewer than decoded codes; the gathers are not pipelined), 8 dots of K = 16, code j of the 16 chunks against
+      activation columns 8 i + j (strided gathers, cheap for a few rows).
+    FOLD as for int4."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     groups: tl.constexpr = K // 128
-    words: tl.constexpr = K * 3 // 32  # int32 words per row
-    t = tl.arange(0, 4)[:, None]
-    base = w_ptr + slot * (N * words) + rows[None, :].to(tl.int64) * words
+    i = tl.arange(0, 16)
+    if BYTES:
+        codes = w_ptr.to(tl.pointer_type(tl.uint8))
+        base = codes + slot * (N * (K * 3 // 8)) + rows[None, :].to(tl.int64) * (K * 3 // 8) + 3 * i[:, None]
+    else:
+        words: tl.constexpr = K * 3 // 32  # int32 words per row
+        base = w_ptr + slot * (N * words) + rows[None, :].to(tl.int64) * words
     sbase = slot * (N * groups) + rows.to(tl.int64) * groups
     for k0 in range(k_lo, k_lo + KS, 128):
-        c0, c1, c2, c3 = _int3_chunks(base + k0 // 128 * 12, t)  # [4, BN] each
         scale = tl.load(s_ptr + sbase + k0 // 128)
         if ASYM:
-            off = tl.load(z_ptr + sbase + k0 // 128).to(tl.float32)[None, None, :]
+            off = tl.load(z_ptr + sbase + k0 // 128).to(tl.float32)[None, :]
         else:
             off = 4.0
         if FOLD:
             part = acc
         else:
             part = tl.zeros((BM, BN), dtype=tl.float32)
-        part = _int3_dot(part, c0, 0, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
-        part = _int3_dot(part, c1, 1, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
-        part = _int3_dot(part, c2, 2, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
-        part = _int3_dot(part, c3, 3, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+        if BYTES:
+            p = base + k0 // 8 * 3
+            word = tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 8) | (tl.load(p + 2).to(tl.int32) << 16)
+            for j in tl.static_range(8):
+                w = _code_values(word, 3 * j, off)
+                if FOLD:
+                    w = w * scale.to(tl.float32)[None, :]
+                part = tl.dot(_a_tile(a_ptr, a_rows, a_mask, stride_am, k0 + 8 * i + j, DT), w.to(DT), part)
+        else:
+            if ASYM:
+                off = off[None]  # against codes [4, 8, BN]
+            c0, c1, c2, c3 = _int3_chunks(base + k0 // 128 * 12, tl.arange(0, 4)[:, None])  # [4, BN] each
+            part = _int3_dot(part, c0, 0, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+            part = _int3_dot(part, c1, 1, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+            part = _int3_dot(part, c2, 2, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
+            part = _int3_dot(part, c3, 3, k0, a_ptr, a_rows, a_mask, stride_am, off, scale, BN, DT, FOLD)
         if FOLD:
             acc = part
         else:
@@ -291,6 +312,9 @@ def _expert_tile(
     would double (v14: 9-16 % slower)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     BKD: tl.constexpr = BK if BK <= 128 else 128
+    # v15 (H100, same process): the byte-gather int3 form is 12-21 % faster in layers of int3 experts only, but
+    # 1-11 % slower for the whole layer when other formats share it (olmoe / qwen3, T = 1-64)
+    INT3_BYTES: tl.constexpr = BM <= 32 and not (HAS_BF16 or HAS_INT8 or HAS_INT4 or HAS_INT4_ASYM)
     if HAS_BF16:
         if fmt == 0:
             acc = _tile_dense(a_ptr, a_rows, a_mask, stride_am, w16, w16, slot, rows, N, K, k_lo, KS, False,
@@ -310,11 +334,11 @@ def _expert_tile(
     if HAS_INT3:
         if fmt == 4:
             acc = _tile_int3(a_ptr, a_rows, a_mask, stride_am, w3, s3, s3, slot, rows, N, K, k_lo, KS, False,
-                             BM, BN, DT, FOLD)  # fmt: skip
+                             BM, BN, DT, FOLD, INT3_BYTES)  # fmt: skip
     if HAS_INT3_ASYM:
         if fmt == 5:
             acc = _tile_int3(a_ptr, a_rows, a_mask, stride_am, w3a, s3a, z3a, slot, rows, N, K, k_lo, KS, True,
-                             BM, BN, DT, FOLD)  # fmt: skip
+                             BM, BN, DT, FOLD, INT3_BYTES)  # fmt: skip
     return acc
 
 
