@@ -16,10 +16,11 @@ PLANS = {
     "mixed-int3": {"bf16": 0.1, "int8": 0.2, "int4": 0.4, "int3": 0.3},
 }
 DEFAULT_PLANS = ("int4", "mixed", "bf16")
-GROUP_FORMATS = frozenset({"int4", "int4-asym", "int3", "int3-asym"})
 
 
 def group_quantized(plan: str) -> bool:
     """Only group-quantized experts: the plans whose sweeps also time the CUDA-core GEMV (far slower with bf16 /
     int8 experts)."""
-    return set(PLANS[plan]) <= GROUP_FORMATS
+    from exq.formats import FORMATS
+
+    return all(FORMATS[f].group_size for f in PLANS[plan])

@@ -46,6 +46,13 @@ class KernelBlock:
         row blocks per column tile (configs.GROUP_ROW_BLOCKS), which only its smaller row blocks can use."""
         return self.max_expert_bytes > configs.GROUP_WEIGHT_BYTES
 
+    @cached_property
+    def launch_args(self) -> tuple[list[torch.Tensor], dict[str, bool]]:
+        """Every format's slab tensors in the kernels' argument order, and the HAS_<format> flags that compile the
+        absent formats' branches away (built once per block: the decode launches are a few microseconds)."""
+        flags = {"HAS_" + name.upper().replace("-", "_"): name in self.present for name in _SLOT_NAMES}
+        return [self.tensors[n] for n in _SLAB_ARGS], flags
+
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
         ids = range(self.num_experts) if experts is None else experts.tolist()
@@ -68,13 +75,6 @@ _SLOT_NAMES = {
 }
 _SLAB_ARGS = tuple(n for names in _SLOT_NAMES.values() for n in names)
 _FORMAT_NAMES = {code: name for name, code in KERNEL_FORMATS.items()}
-
-
-def _slab_launch_args(block: KernelBlock) -> tuple[list[torch.Tensor], dict[str, bool]]:
-    """Every format's slab tensors in the kernels' argument order, and the HAS_<format> flags that compile the
-    absent formats' branches away."""
-    flags = {"HAS_" + name.upper().replace("-", "_"): name in block.present for name in _SLOT_NAMES}
-    return [block.tensors[n] for n in _SLAB_ARGS], flags
 
 
 def kernel_block(block) -> KernelBlock:
@@ -177,7 +177,7 @@ def _gemm(
     dt, magic, ptx = _dot_types(a)
     grouped = disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M and block.outgrows_l2
     group = configs.GROUP_ROW_BLOCKS if grouped else 1
-    slabs, has = _slab_launch_args(block)
+    slabs, has = block.launch_args
     moe_gemm_kernel[grid](
         a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot, *slabs,
         pairs, block.num_experts, a.stride(0), c.stride(0),
@@ -226,7 +226,7 @@ def _gemv(
         ws = torch.empty(split, pairs, block.out_features, dtype=torch.float32, device=a.device)
     grid = (pairs, triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n), split)
     dt, magic, ptx = _dot_types(a)
-    slabs, has = _slab_launch_args(block)
+    slabs, has = block.launch_args
     moe_gemv_kernel[grid](
         a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot, *slabs,
         block.num_experts, pairs,
