@@ -284,6 +284,35 @@ def test_serve_from_a_plain_model_runs_the_pipeline_once(tmp_path, monkeypatch):
     assert prepare(str(ckpt), None) == ckpt  # a checkpoint serves as is
 
 
+def test_serve_on_a_gpu_offers_the_fast_kernel_formats(tmp_path, monkeypatch):
+    """Quantizing for a GPU, the candidate formats default to those the fused op runs at int4 speed or better: no
+    int3 (its layers take about twice an int4 layer's time) and no int2 (no kernel)."""
+    import exq.models.loading as loading
+    import exq.pipeline as pipeline
+    from exq.kernels.configs import KERNEL_FORMATS
+    from exq.serve import prepare
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(*a, formats=None, **k):
+        seen["formats"] = formats
+        raise Stop
+
+    monkeypatch.setattr(loading, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(pipeline, "compile_from_model", capture)
+    with pytest.raises(Stop):
+        prepare(str(DEMO_MODEL), "int4", [str(DEMO_CORPUS / "austen.valid.txt.gz")], tmp_path, progress=False)
+    offered = seen["formats"].split(",")
+    assert set(offered) <= set(KERNEL_FORMATS) and "int4" in offered
+    assert not any(f.startswith(("int3", "int2")) for f in offered)
+    with pytest.raises(Stop):  # named formats pass through as given
+        prepare(str(DEMO_MODEL), "int4", [str(DEMO_CORPUS / "austen.valid.txt.gz")], tmp_path, False, "int4,int3")
+    assert seen["formats"] == "int4,int3"
+
+
 def _small(compile_from_model):
     """The pipeline with fewer calibration tokens (the test checks the chaining and caching, not quality)."""
 
