@@ -338,6 +338,10 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert default_config(9, 64, wide) == GemvConfig(64, 2, 4, 2)
     odd = kernel_blocks(random_experts(64, 384, 128, ["int4"] * 64, device=DEVICE))[0]
     assert default_config(8, 64, odd).mma
+    # layers with int3 experts at decode: the tensor-core GEMV with K cut in two where K allows (v15)
+    int3 = kernel_blocks(random_experts(8, 256, 128, mixed_formats(8, {"int4": 0.5, "int3": 0.5}), device=DEVICE))
+    assert default_config(8, 8, int3[0]) == GemvConfig(64, 1, 4, 3, split_k=2, mma=True)  # K = 256
+    assert default_config(8, 8, int3[1]) == GemvConfig(64, 1, 4, 4, mma=True)  # K = 128: one 128-step per split
     assert default_config(512, 64, odd).block_k == 128  # K a multiple of 128 only: one group per step
 
 

@@ -80,7 +80,7 @@ def test_layer_class_and_fit():
     assert layer_class({"int4", "int4-asym"}) == "int4"
     assert layer_class({"bf16"}) == "bf16"
     assert layer_class({"int4", "bf16", "int8"}) == "mixed"
-    assert layer_class({"int4", "int3"}) == "mixed"
+    assert layer_class({"int4", "int3"}) is None  # not in the tables: the op's default rule
     assert layer_class({"int4", "int2-asym"}) is None
     assert fit_config(GemvConfig(32, 4), 2048, 1408).groups_per_step == 1  # 1408 = 11 x 128
     assert fit_config(GemvConfig(32, 4), 2048, 1024).groups_per_step == 4
@@ -97,12 +97,12 @@ def test_plans_carry_the_specialisation(demo_profile, tmp_path):
     from exq.compiler import Artifact, compile_plan
     from exq.errors import FormatError
 
-    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym,int2-asym")
+    art, _ = compile_plan(demo_profile, "int4", formats="bf16,int8,int4,int4-asym,int3,int2-asym")
     assert set(art.kernels) == set(packaged_tables())
     for layers in art.kernels.values():
         for li, entry in enumerate(layers):
             fmts = set(art.experts[li]["gate_up"]) | set(art.experts[li]["down"])
-            if "int2-asym" in fmts:
+            if fmts & {"int3", "int2-asym"}:  # torch (int2), or the op's default rule (int3)
                 assert entry is None
             else:
                 assert entry["class"] == layer_class(fmts) and "1" in entry["configs"]

@@ -48,7 +48,8 @@ def fit_config(cfg, gate_up_in: int, down_in: int):
 
 
 def specialize(structure: dict, experts: list[dict], routing: list[list[float]] | None, tables: dict) -> dict:
-    """{gpu: [per MoE layer: {"class", "configs": {T: config dict}} or None (runs in torch)]}."""
+    """{gpu: [per MoE layer: {"class", "configs": {T: config dict}} or None (no table class: the layer runs in
+    torch, or with int3 experts on the op's default rule)]}."""
     from exq.kernels.tuning import choose, config_to_dict, layer_class
 
     out = {}

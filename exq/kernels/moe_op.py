@@ -127,6 +127,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
                 return GemvConfig(32, 4, 4, 2)
             if block.in_features % 256 == 0:
                 return GemvConfig(64, 2, 4, 2)
+        if block.present & {"int3", "int3-asym"} and block.in_features % 256 == 0:
+            # v15 (H100): int3 experts take longer per K step; K cut in two doubles the programs: olmoe / qwen3
+            # T = 1 all-int3 41.5 / 35.7 vs 53.8 / 50.6 us, with 30 % int3 among other formats 46.3 / 40.8 vs
+            # 62.8 / 58.0; T = 4 5-15 % (the 8 cells of docs/bench/v15/int3_hybrid_sweep_h100.log)
+            return GemvConfig(64, 1, 4, 3, split_k=2, mma=True)
         return GemvConfig(64, 1, 4, 4, mma=True)
     # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
