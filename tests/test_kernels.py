@@ -12,7 +12,7 @@ from conftest import DEVICE
 from exq.errors import ExqError
 from exq.kernels import GemmConfig, GemvConfig, fused_moe
 from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_torch, max_blocks
-from exq.kernels.synthetic import mixed_formats, random_experts
+from exq.kernels.synthetic import layout_for, mixed_formats, random_experts
 from exq.kernels.tuning import parse_bench_config
 
 ALL = {f: 1 / 6 for f in ("bf16", "int8", "int4", "int4-asym", "int3", "int3-asym")}  # every format the kernels run
@@ -189,6 +189,60 @@ def test_gemv_single_group_format(fmt, dtype, config):
     x, w, ids = routing(3, experts, k, 11, hidden, dtype)
     out = fused_moe(x, w, ids, mod, config=config)
     assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "fmt,config",
+    [
+        ("int4", GemvConfig(32, 1, 4, 2)),
+        ("int4-asym", GemvConfig(32, 1, 4, 2, split_k=2, mma=True)),
+        ("int4", GemmConfig(16, 64, 128, 4, 2)),
+        ("bf16", GemmConfig(16, 64, 128, 4, 2, inline_dispatch=True)),
+        ("int3", GemvConfig(32, 1, 4, 2)),
+    ],
+)
+def test_one_format_layers_skip_the_table_loads(fmt, config):
+    """A layer of one format in expert-id order reads expert e at slot e without the (format, slot) tables: the
+    same bits as through the tables; a layer whose slab order is not the id order keeps the tables."""
+    import dataclasses
+
+    from exq.kernels.moe_op import KERNEL_FORMATS, kernel_block, kernel_blocks
+
+    experts, hidden, inter, k = 8, 256, 256, 2
+    mod = random_experts(experts, hidden, inter, [fmt] * experts, device=DEVICE, seed=8)
+    gu, dn = kernel_blocks(mod)
+    assert gu.one_format == dn.one_format == KERNEL_FORMATS[fmt]
+    x, w, ids = routing(6, experts, k, 4, hidden, torch.bfloat16)
+    out = fused_moe(x, w, ids, (gu, dn), config=config)
+    tables = tuple(dataclasses.replace(b, one_format=-1) for b in (gu, dn))
+    assert torch.equal(out, fused_moe(x, w, ids, tables, config=config))
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+    mod.gate_up.order = mod.gate_up.order[::-1]  # slab position != expert id: the tables are needed
+    assert kernel_block(mod.gate_up).one_format == -1
+
+
+@pytest.mark.parametrize("formats", [["int4"] * 8, ["int3-asym"] * 8, ["bf16"] * 8, ["int4", "bf16"] * 4])
+def test_blocks_of_one_format_are_stored_in_id_order(formats):
+    """The layout pass orders a slab by heat; a one-format block is put in id order in memory (same weights per
+    expert, so the kernels may read expert e at slot e); a mixed block keeps its slabs."""
+    from exq.kernels.moe_op import kernel_block
+    from exq.runtime.experts import QuantizedBlock
+
+    layout = layout_for(formats)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3)).tolist()
+    for _, start, count in layout["slabs"]:  # shuffle each slab's order, as the layout pass would
+        ids = layout["order"][start : start + count]
+        layout["order"][start : start + count] = [ids[i] for i in perm if i < count]
+    block = QuantizedBlock(layout, 64, 256)
+    for slab in block.slabs.values():
+        for t in slab.buffers(recurse=False):
+            t.copy_(torch.randint(0, 255, t.shape).to(t.dtype) if t.dtype == torch.uint8 else torch.randn(t.shape))
+    before = block.dequantized(torch.float32)
+    block.store_in_id_order()
+    assert torch.equal(block.dequantized(torch.float32), before)
+    one = len(set(formats)) == 1
+    assert (block.order == list(range(8))) == one
+    assert (kernel_block(block).one_format >= 0) == one
 
 
 @pytest.mark.parametrize(

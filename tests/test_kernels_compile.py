@@ -17,6 +17,9 @@ pytest.importorskip("triton")
 
 VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flags)
     "decode tile, inline dispatch": ("gemm", 16, 64, 128, 4, "int4", {"ROUTE_PP": 512}),
+    "decode tile, one format at slot id": ("gemm", 16, 128, 256, 4, "int4", {"ROUTE_PP": 512, "ONE_FORMAT": 2}),
+    "prefill tile, one format at slot id": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ONE_FORMAT": 2}),
+    "CUDA-core GEMV, one format at slot id": ("gemv", 0, 64, 128, 4, "int4", {"MMA": False, "GPS": 2, "ONE_FORMAT": 2}),
     "decode tile, every format, grouped row blocks": ("gemm", 16, 64, 128, 4, "all", {"GROUP": 8}),
     "32-row tile, every format, inline dispatch": ("gemm", 32, 128, 128, 4, "all", {"ROUTE_PP": 1024}),
     "decode tile, two groups per K iteration": ("gemm", 16, 128, 256, 4, "all", {"ROUTE_PP": 512}),
@@ -36,8 +39,8 @@ from triton.compiler import ASTSource
 from exq.kernels import moe_gemm
 
 PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-        "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fmt_ptr": "*i32",
-        "slot_ptr": "*i32", "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
+        "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
+        "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
         "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8"}
 FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_ASYM=False, HAS_INT3=False,
                         HAS_INT3_ASYM=False),
@@ -59,11 +62,11 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     if kind == "gemm":
         fn = moe_gemm.moe_gemm_kernel
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
-                      INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1)
+                      INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1)
     else:
         fn = moe_gemm.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
-                      TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True)
+                      TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
     consts |= MAGIC | FORMATS[fmts] | flags
     try:
         out[name] = "ok" if compile_sm90(fn, consts, warps).asm["cubin"] else "no cubin"

@@ -24,6 +24,7 @@ from exq.quant.calibrate import collect_stats
 from exq.quant.checkpoint import BASE_FILE, PLAN_FILE, QUANTIZED_FILE, write_checkpoint
 from exq.quant.codec import quantize_rtn
 from exq.quant.quantizers import quantize_gptq
+from exq.runtime.experts import QuantizedBlock
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,10 @@ def test_all_bf16_checkpoint_matches_the_original_exactly(demo, tmp_path):
         model, art, quantize_experts(model, art, None, "rtn", progress=False), tmp_path / "b", DEMO_MODEL, "rtn"
     )
     loaded = exq.load(out, device="cpu")
+    # the layout pass ordered each slab by heat; one-format blocks are loaded in expert-id order (slot = id)
+    assert any(blk["order"] != sorted(blk["order"]) for lay in art.layout for blk in lay.values())
+    blocks = [m for m in loaded.modules() if isinstance(m, QuantizedBlock)]
+    assert blocks and all(b.order == list(range(len(b.order))) for b in blocks)
     ref = load_model(DEMO_MODEL, device="cpu")
     ref.set_experts_implementation("eager")
     x = torch.randint(0, 4096, (2, 64))

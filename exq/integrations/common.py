@@ -131,6 +131,8 @@ def finish_loading(layer: nn.Module, where: str) -> None:
             f"{where}: {len(missing)} exq tensors were not in the checkpoint (e.g. {missing[0]})",
             "the checkpoint is incomplete; re-create it with `exq quantize`",
         )
+    for b in SLAB_BLOCKS:
+        getattr(layer, b).store_in_id_order()
     layer.exq_blocks = (kernel_block(layer.gate_up), kernel_block(layer.down))
 
 

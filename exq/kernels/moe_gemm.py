@@ -360,7 +360,7 @@ def _out_columns(pid_n, N: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
 
 @triton.jit
 def moe_gemm_kernel(
-    a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, ids_ptr, fmt_ptr, slot_ptr,
+    a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, ids_ptr, fs_ptr,
     w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     P, E, stride_am, stride_cm,
     N: tl.constexpr, K: tl.constexpr,
@@ -369,7 +369,7 @@ def moe_gemm_kernel(
     HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1,
+    ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, ONE_FORMAT: tl.constexpr = -1,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -399,6 +399,7 @@ def moe_gemm_kernel(
         pid_m = first + r % size
         pid_n = r // size
     if ROUTE_PP > 0:
+        fmt, slot = _format_slot(fs_ptr, pid_m, ONE_FORMAT)  # the expert is the program's: no wait on the ids
         # this expert's pairs in stable order, compacted through scratch rows [E, ROUTE_PP] (sorted_ptr): every
         # column tile of the expert writes the same values, and reads back only what its own threads wrote
         q = tl.arange(0, ROUTE_PP)
@@ -410,26 +411,39 @@ def moe_gemm_kernel(
         j = tl.arange(0, BM)
         for r0 in range(0, count, BM):
             pairs = tl.load(row + r0 + j, mask=r0 + j < count, other=P)
-            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr,
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot,
                        w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
-                       pairs, pid_m, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
+                       pairs, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
+            fmt, slot = _format_slot(fs_ptr, e, ONE_FORMAT)
             pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
-            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr,
+            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot,
                        w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
-                       pairs, e, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
+                       pairs, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
                        MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
 
 
 @triton.jit
+def _format_slot(fs_ptr, e, ONE_FORMAT: tl.constexpr):
+    """Expert e's format code and its slot in that format's slab, one packed word (format << 24 | slot) in L2 between
+    the routing id and the first weight bytes. ONE_FORMAT >= 0: every expert has that format at slot = its id, so
+    not even that (v16, H100: T = 1 7-10 % faster; the whole table preloaded before the id instead gained 0-2 % at
+    T = 1-4 and lost 1-2 % from T = 64, so it is not used)."""
+    if ONE_FORMAT >= 0:
+        return ONE_FORMAT, e.to(tl.int64)
+    w = tl.load(fs_ptr + e)
+    return w >> 24, (w & 0xFFFFFF).to(tl.int64)
+
+
+@triton.jit
 def _row_block(
-    a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt_ptr, slot_ptr, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
-    pairs, e, pid_n, P, stride_am, stride_cm,
+    a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
+    pairs, pid_n, P, stride_am, stride_cm,
     N: tl.constexpr, K: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
@@ -438,11 +452,9 @@ def _row_block(
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     FOLD: tl.constexpr,
 ):  # fmt: skip
-    """One [BM, BN] output tile of expert e for these pairs (P = an empty row)."""
+    """One [BM, BN] output tile of one expert (format code, slot) for these pairs (P = an empty row)."""
     pmask = pairs < P
     a_rows = (pairs // A_DIV).to(tl.int64)
-    fmt = tl.load(fmt_ptr + e)
-    slot = tl.load(slot_ptr + e).to(tl.int64)
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
     acc = _expert_tile(a_ptr, a32_ptr, a_rows, pmask, stride_am, fmt, slot, rows, N, K, 0, K,
                        w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
@@ -601,7 +613,7 @@ def _int4_math(b, scale, z, a_even, a_odd):
 
 @triton.jit
 def moe_gemv_kernel(
-    a_ptr, a32_ptr, c_ptr, ws_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fmt_ptr, slot_ptr,
+    a_ptr, a32_ptr, c_ptr, ws_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fs_ptr,
     w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
     E, P,
     N: tl.constexpr, K: tl.constexpr, A_BF16: tl.constexpr,
@@ -611,7 +623,7 @@ def moe_gemv_kernel(
     BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
     TOP_K: tl.constexpr, KSP: tl.constexpr, ZERO_NT: tl.constexpr, ZERO_NTP: tl.constexpr,
     MMA: tl.constexpr = False, DT: tl.constexpr = tl.bfloat16, MAGIC_BITS: tl.constexpr = 0,
-    MAGIC_BASE: tl.constexpr = 0, PTX: tl.constexpr = False,
+    MAGIC_BASE: tl.constexpr = 0, PTX: tl.constexpr = False, ONE_FORMAT: tl.constexpr = -1,
 ):  # fmt: skip
     """Decode path: one program per (pair, column tile, K split), no dispatch; the pair's expert comes from topk_ids.
 
@@ -645,8 +657,7 @@ def moe_gemv_kernel(
     cols, ok, rows = _out_columns(pid_n, N, BN, GATED)
     acc = tl.zeros((BN,), dtype=tl.float32)
     if valid:
-        fmt = tl.load(fmt_ptr + e)
-        slot = tl.load(slot_ptr + e).to(tl.int64)
+        fmt, slot = _format_slot(fs_ptr, e, ONE_FORMAT)
         a_row = (p // A_DIV).to(tl.int64)
         kb_lo = pid_s * (K // 2 // SPLIT)
         if MMA:

@@ -30,6 +30,10 @@ class KernelBlock:
     slot: torch.Tensor  # int32 [E]
     tensors: dict[str, torch.Tensor]  # _SLOT_NAMES of every format (absent ones: a 1-element placeholder)
     present: frozenset[str]
+    # >= 0: every expert has this format code at slot = its id (one format, slabs in id order), so the kernels
+    # skip the (format, slot) table loads
+    one_format: int = -1
+    fmt_slot: torch.Tensor | None = None  # int32 [E]: format code << 24 | slot, the table the kernels read
 
     @property
     def num_experts(self) -> int:
@@ -106,7 +110,9 @@ def kernel_block(block) -> KernelBlock:
     for names in _SLOT_NAMES.values():
         for n in names:
             tensors.setdefault(n, torch.zeros(1, dtype=torch.uint8, device=dev))
-    return KernelBlock(out_f, in_f, fmt.to(dev), slot.to(dev), tensors, frozenset(present))
+    one = KERNEL_FORMATS[next(iter(present))] if len(present) == 1 and slot.tolist() == list(range(e)) else -1
+    packed = ((fmt << 24) | slot).to(dev)
+    return KernelBlock(out_f, in_f, fmt.to(dev), slot.to(dev), tensors, frozenset(present), one, packed)
 
 
 def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
@@ -184,13 +190,13 @@ def _gemm(
     group = configs.GROUP_ROW_BLOCKS if grouped else 1
     slabs, has = block.launch_args
     moe_gemm_kernel[grid](
-        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt, block.slot, *slabs,
+        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt_slot, *slabs,
         pairs, block.num_experts, a.stride(0), c.stride(0),
         N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w, **has,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
-        FOLD=cfg.fold_scales, GROUP=group,
+        FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -233,13 +239,13 @@ def _gemv(
     dt, magic, ptx = _dot_types(a)
     slabs, has = block.launch_args
     moe_gemv_kernel[grid](
-        a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt, block.slot, *slabs,
+        a, a.view(torch.int32), c, ws, counters, topk_weights, topk_ids.reshape(-1), block.fmt_slot, *slabs,
         block.num_experts, pairs,
         N=block.out_features, K=block.in_features, A_BF16=a.dtype == torch.bfloat16, A_DIV=a_div, GATED=gated,
         MUL_W=mul_w, **has,
         BN=cfg.block_n, GPS=cfg.groups_per_step, SPLIT=split, TOP_K=top_k, KSP=triton.next_power_of_2(top_k * split),
         ZERO_NT=zero_nt, ZERO_NTP=triton.next_power_of_2(max(zero_nt, 1)),
-        MMA=cfg.mma, DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx,
+        MMA=cfg.mma, DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx, ONE_FORMAT=block.one_format,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if gated and split > 1:

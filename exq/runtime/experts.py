@@ -79,6 +79,22 @@ class QuantizedBlock(nn.Module):
             inv[e] = pos
         self.position.copy_(torch.tensor(inv, dtype=torch.long))
 
+    def store_in_id_order(self) -> None:
+        """Put a one-format block's experts in id order (slot = expert id) in memory.
+
+        The layout pass orders a slab by heat and co-selection; with one slab that order buys the GPU nothing, and in
+        id order the fused kernels skip the (format, slot) table loads that sit between the routing ids and the
+        first weight bytes (v16: T = 1 7-10 % faster). Mixed blocks keep their slabs: their experts must be
+        looked up anyway."""
+        if len(self.slab_spec) != 1 or self.order == list(range(len(self.order))):
+            return
+        slab = next(iter(self.slabs.values()))
+        with torch.no_grad():
+            for t in (*slab.buffers(recurse=False), *slab.parameters(recurse=False)):  # engines hold parameters
+                t.copy_(t[self.position])  # row e <- the storage position of expert e
+        self.order = list(range(len(self.order)))
+        self.reset_positions()
+
     def formats(self) -> list[str]:
         out = [""] * len(self.order)
         for f, start, count in self.slab_spec:

@@ -136,6 +136,9 @@ def assemble(
         if current[k].shape != v.shape:
             raise ExqError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, expected {tuple(current[k].shape)}")
     model.load_state_dict(state, strict=False)
+    for block in model.modules():
+        if isinstance(block, QuantizedBlock):
+            block.store_in_id_order()
     if tied:
         model.tie_weights()
     _recompute_buffers(model, computed, dev)
