@@ -52,6 +52,7 @@ BY_TOKENS = {  # the rows per expert decide; these are the configs that won or c
 
 
 def candidates(table: dict | None):
+    from exq.compiler.specialize import fit_config
     from exq.kernels.tuning import config_from_dict
 
     names = {v: k for k, v in SHAPES.items()}
@@ -68,12 +69,8 @@ def candidates(table: dict | None):
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]
 
-        def fits(c) -> bool:  # one config for both projections, or a (gate_up, down) pair from the table
-            if isinstance(c, tuple):
-                return h % c[0].k_step == 0 and i % c[1].k_step == 0
-            return h % c.k_step == 0 and i % c.k_step == 0
-
-        return list(dict.fromkeys(c for c in out if fits(c)))
+        # each projection's K step fitted to its own K (a pair where they differ), as pass D fits the table's
+        return list(dict.fromkeys(fit_config(c, h, i) for c in out))
 
     return pick
 

@@ -461,11 +461,13 @@ def test_bench_sweep_skips_a_tile_the_gpu_cannot_hold(monkeypatch):
     import exq.kernels as ek
 
     def fake_op(x, w, ids, mod, config=None):
-        if config is not None and config.block_m == 128:
+        if any(c is not None and c.block_m == 128 for c in (config if isinstance(config, tuple) else (config,))):
             raise OutOfResources(245760, 232448, "shared memory")
         return x
 
-    timings = iter([30.0, 20.0, 25.0])  # default rule, then the two tiles that fit
+    # default rule, the two tiles that fit, then the runner-up on one projection with the best on the other (the
+    # tile that did not fit is not tried again there)
+    timings = iter([30.0, 20.0, 25.0, 22.0, 21.0])
     monkeypatch.setattr(ek, "fused_moe", fake_op)
     monkeypatch.setattr(bk, "graph_time_us", lambda step, layers, reps: step(0) is None or next(timings))
     mods = [random_experts(4, 128, 128, ["int4"] * 4, seed=s) for s in range(2)]
@@ -476,6 +478,7 @@ def test_bench_sweep_skips_a_tile_the_gpu_cannot_hold(monkeypatch):
     assert list(row["exq_skipped"]) == [bk.config_name(cands[1])]
     assert "shared memory" in row["exq_skipped"][bk.config_name(cands[1])]
     assert row["exq_us"] == 20.0 and row["exq_config"] == bk.config_name(cands[0])
+    assert row["exq_sweep"][bk.config_name((cands[0], cands[2]))] == 21.0
     assert parse_bench_config(row["exq_config"]) == cands[0]  # the name reads back as the same config
 
 

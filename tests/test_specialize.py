@@ -82,15 +82,26 @@ def test_layer_class_and_fit():
     assert layer_class({"int4", "bf16", "int8"}) == "mixed"
     assert layer_class({"int4", "int3"}) is None  # not in the tables: the op's default rule
     assert layer_class({"int4", "int2-asym"}) is None
-    assert fit_config(GemvConfig(32, 4), 2048, 1408).groups_per_step == 1  # 1408 = 11 x 128
-    assert fit_config(GemvConfig(32, 4), 2048, 1024).groups_per_step == 4
-    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 1408).split_k == 1  # 11 groups: no even split
-    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 768).split_k == 2  # must divide 16 and 6 groups
-    assert fit_config(GemmConfig(16, 64, 128), 4096, 192).block_k == 64
-    assert fit_config(GemmConfig(16, 128, 256), 2048, 1408).block_k == 128  # two-group steps where K allows them
-    assert fit_config(GemmConfig(16, 128, 256), 2048, 768).block_k == 256
-    # a pair: each projection fitted to its own K (gate_up reduces over hidden, down over intermediate)
+    # each projection fitted to its own K (gate_up reduces over hidden, down over intermediate): one config when
+    # both fit it, else a (gate_up, down) pair
+    assert fit_config(GemvConfig(32, 4), 2048, 1024) == GemvConfig(32, 4)
+    assert fit_config(GemvConfig(32, 4), 2048, 1408) == (GemvConfig(32, 4), GemvConfig(32, 1))  # 1408 = 11 x 128
+    # 11 groups: no even split; 6 groups: split 6 (the largest that divides them), gate_up keeps 8
+    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 1408)[1].split_k == 1
+    assert fit_config(GemvConfig(32, 1, split_k=8), 2048, 768) == (
+        GemvConfig(32, 1, split_k=8),
+        GemvConfig(32, 1, split_k=6),
+    )
+    assert fit_config(GemmConfig(16, 64, 128), 4096, 192) == (GemmConfig(16, 64, 128), GemmConfig(16, 64, 64))
+    # two-group steps where K allows them
+    assert fit_config(GemmConfig(16, 128, 256), 2048, 1408) == (GemmConfig(16, 128, 256), GemmConfig(16, 128, 128))
+    assert fit_config(GemmConfig(16, 128, 256), 2048, 768) == GemmConfig(16, 128, 256)
     assert fit_config((GemvConfig(32, 4), GemvConfig(32, 4)), 2048, 1408) == (GemvConfig(32, 4), GemvConfig(32, 1))
+    for cfg in (GemvConfig(64, 4, split_k=4), GemmConfig(16, 128, 512)):  # every fitted K step divides its K
+        for gate_up_in, down_in in ((2048, 1408), (4096, 384), (1536, 640), (768, 2944)):  # K % 128 == 0
+            fitted = fit_config(cfg, gate_up_in, down_in)
+            gu, dn = fitted if isinstance(fitted, tuple) else (fitted, fitted)
+            assert gate_up_in % gu.k_step == 0 and down_in % dn.k_step == 0
 
 
 def test_plans_carry_the_specialisation(demo_profile, tmp_path):

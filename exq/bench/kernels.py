@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from exq.bench import PLANS, SHAPES, group_quantized
-from exq.kernels.configs import GemvConfig
+from exq.kernels.configs import INLINE_DISPATCH_PAIRS, GemmConfig, GemvConfig
 
 
 @dataclass
@@ -169,8 +169,7 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     """The configurations a sweep times for one cell: tensor-core row blocks that fit the rows per expert, and at
     decode sizes the GEMV paths (CUDA-core GEMV for group-quantized experts only: with bf16 / int8 experts it is far
     slower)."""
-    from exq.kernels import GemmConfig
-    from exq.kernels.configs import INLINE_DISPATCH_PAIRS
+    from exq.compiler.specialize import fit_config
 
     e, h, i, k = shape
     tiles = [c for c in OUR_CONFIGS if _fits(c[0], tokens * k, e)]
@@ -181,7 +180,8 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
         out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:
         out += [GemvConfig(*c) for c in GEMV_CONFIGS if group_quantized(plan) or c[5]]
-    return [c for c in out if h % c.k_step == 0 and i % c.k_step == 0]
+    # each projection's K step fitted to its own K (a pair where they differ), as pass D fits the table's configs
+    return list(dict.fromkeys(fit_config(c, h, i) for c in out))
 
 
 def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):
@@ -214,14 +214,15 @@ def config_name(cfg) -> str:
 
 
 def per_projection(best, best_us: float, candidates, time_us: Callable[[object], float]) -> dict:
-    """At decode sizes gate_up (K = hidden) and down (K = intermediate) may each want their own GEMV tile: each
-    GEMV candidate timed for one projection with the best config (best_us for both) on the other, then the pair
-    of the two winners when both differ from it. Returns {(gate_up, down): time} of everything timed (that pair
-    last)."""
-    gemv = [c for c in candidates if isinstance(c, GemvConfig) and c != best]
+    """Up to mid batch sizes gate_up (K = hidden) and down (K = intermediate) may each want their own tile: each
+    candidate of the best one's kind (GEMV or tensor-core GEMM) timed for one projection with the best config
+    (best_us for both) on the other, then the pair of the two winners when both differ from it. Returns
+    {(gate_up, down): time} of everything timed (that pair last). v14: GEMV tiles at T = 1 / 4 (qwen3 T = 4 49.7
+    -> 45.4 us); v16: GEMM tiles at T = 16 (olmoe down 16 x 128 x 128, 4 stages: 96.0 -> 94.4 us)."""
+    same = [c for c in candidates if type(c) is type(best) and c != best]
     times = {}
     gate_up = down = (best_us, best)
-    for c in gemv:
+    for c in same:
         us = times[c, best] = time_us((c, best))
         gate_up = min(gate_up, (us, c), key=lambda z: z[0])
         us = times[best, c] = time_us((best, c))
@@ -273,8 +274,9 @@ def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, 
             continue
         row["exq_sweep"][name] = us
         best = min(best, (us, cfg), key=lambda z: z[0])
-    if isinstance(best[1], GemvConfig):  # decode: the best GEMV tile per projection
-        for pair, us in per_projection(best[1], best[0], candidates, ours).items():
+    if isinstance(best[1], GemvConfig | GemmConfig) and t * k <= INLINE_DISPATCH_PAIRS:  # a tile per projection
+        ran = [c for c in candidates if config_name(c) in row["exq_sweep"]]
+        for pair, us in per_projection(best[1], best[0], ran, ours).items():
             row["exq_sweep"][config_name(pair)] = us
             best = min(best, (us, pair), key=lambda z: z[0])
     row["exq_us"], row["exq_config"] = (

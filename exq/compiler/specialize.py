@@ -24,25 +24,28 @@ def rows_per_active_expert(shares: np.ndarray, top_k: int, tokens: int) -> float
 
 
 def fit_config(cfg, gate_up_in: int, down_in: int):
-    """The table's config adjusted to this layer's reduction sizes (a K step must divide both; a (gate_up, down)
-    pair: each its own)."""
+    """The table's config adjusted to this layer's reduction sizes, each projection to its own (gate_up reduces over
+    the hidden size, down over the intermediate size; a K step must divide its K): one config when both come out
+    the same, else a (gate_up, down) pair. v16 (H100, DeepSeek-V2-Lite, I = 1408 = 11 x 128): gate_up keeps the
+    two-group K step that down cannot take, 4-6 % faster at T = 16 / 64 than halving both."""
+    if isinstance(cfg, tuple):
+        return _fit_one(cfg[0], gate_up_in), _fit_one(cfg[1], down_in)
+    gate_up, down = _fit_one(cfg, gate_up_in), _fit_one(cfg, down_in)
+    return gate_up if gate_up == down else (gate_up, down)
+
+
+def _fit_one(cfg, k_in: int):
     from exq.kernels.configs import GemvConfig
 
-    if isinstance(cfg, tuple):
-        return fit_config(cfg[0], gate_up_in, gate_up_in), fit_config(cfg[1], down_in, down_in)
     if isinstance(cfg, GemvConfig):
-
-        def fits(g: int, split: int) -> bool:
-            return not (gate_up_in % (128 * g * split) or down_in % (128 * g * split))
-
         g, split = cfg.groups_per_step, cfg.split_k
-        while g > 1 and not fits(g, split):
+        while g > 1 and k_in % (128 * g * split):
             g //= 2
-        while split > 1 and not fits(g, split):
+        while split > 1 and k_in % (128 * g * split):
             split -= 1
         return dataclasses.replace(cfg, groups_per_step=g, split_k=split)
     k = cfg.block_k
-    while k > 16 and (gate_up_in % k or down_in % k):
+    while k > 16 and k_in % k:
         k //= 2
     return dataclasses.replace(cfg, block_k=k)
 
