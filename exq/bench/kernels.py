@@ -241,7 +241,7 @@ def default_configs(plan: str, tokens: int, shape) -> tuple:
     e, h, i, k = shape
     present = frozenset(f for f, share in PLANS[plan].items() if share > 0)
     ids = torch.zeros(e, dtype=torch.int32)
-    blocks = (KernelBlock(o, n, ids, ids, {}, present) for o, n in ((2 * i, h), (h, i)))
+    blocks = (KernelBlock(o, n, ids, {}, present) for o, n in ((2 * i, h), (h, i)))
     return tuple(default_config(tokens * k, e, b) for b in blocks)
 
 

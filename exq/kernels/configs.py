@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# format name -> the code the kernels branch on (moe_op.KernelBlock.fmt)
+# format name -> the code the kernels branch on (moe_op.KernelBlock.fmt_slot's top byte)
 KERNEL_FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "int4-asym": 3, "int3": 4, "int3-asym": 5}
 # the candidate formats when `exq serve` quantizes for a GPU: int3 experts run in the fused op too, but a layer of
 # them takes 2.0-2.4x the int4 layer's time (v15, H100, olmoe shape, T = 1-1024), so plans reach for int3 only when

@@ -26,18 +26,16 @@ class KernelBlock:
 
     out_features: int
     in_features: int
-    fmt: torch.Tensor  # int32 [E]
-    slot: torch.Tensor  # int32 [E]
+    fmt_slot: torch.Tensor  # int32 [E]: expert e's format code << 24 | its slot in that format's slab
     tensors: dict[str, torch.Tensor]  # _SLOT_NAMES of every format (absent ones: a 1-element placeholder)
     present: frozenset[str]
     # >= 0: every expert has this format code at slot = its id (one format, slabs in id order), so the kernels
-    # skip the (format, slot) table loads
+    # skip the fmt_slot lookup
     one_format: int = -1
-    fmt_slot: torch.Tensor | None = None  # int32 [E]: format code << 24 | slot, the table the kernels read
 
     @property
     def num_experts(self) -> int:
-        return self.fmt.numel()
+        return self.fmt_slot.numel()
 
     @cached_property
     def max_expert_bytes(self) -> int:
@@ -60,9 +58,10 @@ class KernelBlock:
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
         ids = range(self.num_experts) if experts is None else experts.tolist()
+        codes = self.fmt_slot.tolist()
         total = 0
         for e in ids:
-            for n in _SLOT_NAMES[_FORMAT_NAMES[int(self.fmt[e])]]:
+            for n in _SLOT_NAMES[_FORMAT_NAMES[codes[e] >> 24]]:
                 t = self.tensors[n]
                 total += t[0].numel() * t.element_size()
         return total
@@ -111,8 +110,7 @@ def kernel_block(block) -> KernelBlock:
         for n in names:
             tensors.setdefault(n, torch.zeros(1, dtype=torch.uint8, device=dev))
     one = KERNEL_FORMATS[next(iter(present))] if len(present) == 1 and slot.tolist() == list(range(e)) else -1
-    packed = ((fmt << 24) | slot).to(dev)
-    return KernelBlock(out_f, in_f, fmt.to(dev), slot.to(dev), tensors, frozenset(present), one, packed)
+    return KernelBlock(out_f, in_f, ((fmt << 24) | slot).to(dev), tensors, frozenset(present), one)
 
 
 def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
@@ -335,7 +333,7 @@ def _check_inputs(hidden, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlo
             f"expert shapes gate_up {gu.out_features}x{gu.in_features}, down {dn.out_features}x"
             f"{dn.in_features} do not fit hidden size {h}"
         )
-    devices = {hidden.device, topk_ids.device, topk_weights.device, gu.fmt.device, dn.fmt.device}
+    devices = {hidden.device, topk_ids.device, topk_weights.device, gu.fmt_slot.device, dn.fmt_slot.device}
     if len(devices) > 1:
         raise ExqError(f"fused_moe's inputs and experts are on different devices: {sorted(map(str, devices))}")
     return topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
