@@ -93,12 +93,16 @@ def device_kernels(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def _pair(cfg) -> tuple:
+    return cfg if isinstance(cfg, tuple) else (cfg,)
+
+
 def _ab_cell(t, cfg, mods, shape, layers, reps) -> dict:
     e, h, _, k = shape
     x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
     routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
     return {
-        "config": type(cfg).__name__ + str(tuple(cfg.as_dict().values())),
+        "config": " / ".join(type(c).__name__ + str(tuple(c.as_dict().values())) for c in _pair(cfg)),
         "kernels": device_kernels(lambda: fused_moe(x, *routes[0], mods[0], config=cfg)),
         "whole_us": graph_time_us(lambda j: fused_moe(x, *routes[j], mods[j], config=cfg), layers, reps),
     }

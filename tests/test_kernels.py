@@ -35,15 +35,18 @@ def brute_force_dispatch(ids: list[list[int]], experts: int, block_m: int) -> tu
 
 
 @pytest.mark.parametrize(
-    "tokens,k,experts,block_m", [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64)]
+    "tokens,k,experts,block_m",
+    [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64), (431, 6, 40, 32)],
 )
 def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     gen = torch.Generator().manual_seed(tokens)
     # skewed routing: a few hot experts, many empty ones
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]) % max(k, experts // 3)
     want = brute_force_dispatch(ids.tolist(), experts, block_m)
-    # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks
-    for impl in (dispatch, dispatch_torch, lambda i, e, b: dispatch_chunked(i, e, b, chunk=16)):
+    # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks; chunks of 4: more
+    # chunks than the prefix pass loads at once (512), more chunks than experts and the reverse
+    chunked = [lambda i, e, b, c=c: dispatch_chunked(i, e, b, chunk=c) for c in (16, 4)]
+    for impl in (dispatch, dispatch_torch, *chunked):
         d = impl(ids.to(DEVICE).int(), experts, block_m)
         assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want, impl.__name__
 
@@ -274,14 +277,21 @@ def test_gemv_down_sums_top_k_in_its_last_program(dtype, tokens, config):
         assert rel_err(out, reference(x, w * kept, ids, mod)) < 1e-2
 
 
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_path_needs_no_fresh_memory_and_replays_in_a_cuda_graph(monkeypatch, split):
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GemvConfig(32, 1, 4, 2, 1),
+        GemvConfig(32, 1, 4, 2, 2),
+        GemmConfig(16, 64, 128, 4, 2, inline_dispatch=True),  # down's epilogue sums top-k, gate_up zeroes counters
+        GemmConfig(32, 64, 128, 4, 2),
+    ],
+)
+def test_op_needs_no_fresh_memory_and_replays_in_a_cuda_graph(monkeypatch, cfg):
     """Every buffer the op allocates with torch.empty starts as garbage (what a replayed CUDA graph or a reused
     allocation leaves): the in-kernel counters must be reset and every workspace written before it is read. On a
     GPU the op is also captured once and replayed on new activations and routing."""
     experts, hidden, inter, k = 16, 512, 256, 4
     mod = random_experts(experts, hidden, inter, ["int4"] * experts, device=DEVICE, seed=8)
-    cfg = GemvConfig(32, 1, 4, 2, split)
     x, w, ids = routing(2, experts, k, 30, hidden, torch.bfloat16)
     want = reference(x, w, ids, mod)
     real_empty = torch.empty
@@ -311,6 +321,38 @@ def test_gemv_path_needs_no_fresh_memory_and_replays_in_a_cuda_graph(monkeypatch
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, reference(x2, w2, ids2, mod)) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "dtype,tokens,config",
+    [
+        (torch.bfloat16, 5, GemmConfig(16, 64, 128, 4, 2)),  # dispatched row blocks
+        (torch.float16, 21, GemmConfig(16, 32, 128, 4, 2, inline_dispatch=True)),  # a hot expert over 2 blocks
+        (torch.bfloat16, 40, GemmConfig(64, 64, 64, 4, 2, fold_scales=True)),  # the prefill tile, 4 column tiles
+        (torch.bfloat16, 3, (GemvConfig(32, 1, 4, 2), GemmConfig(16, 64, 128, 4, 2))),  # counters zeroed by torch
+    ],
+)
+def test_gemm_down_sums_top_k_in_its_epilogue(dtype, tokens, config, monkeypatch):
+    """The down GEMM's last program per (token, column tile) sums the token's top-k rows in slot order: the same
+    bits as the separate sum (the expert-parallel path keeps it) and on a second call (gate_up re-zeroes the
+    counters), whichever program comes last. Any row block may do it (the op uses it up to 32 rows)."""
+    from exq.kernels import configs
+
+    monkeypatch.setattr(configs, "TOPK_SUM_MAX_BLOCK_M", 128)
+    experts, hidden, inter, k = 8, 256, 128, 3
+    fmts = mixed_formats(experts, {"int4": 0.5, "bf16": 0.25, "int8": 0.25}, seed=tokens)
+    mod = random_experts(experts, hidden, inter, fmts, device=DEVICE, seed=9)
+    x, w, ids = routing(tokens, experts, k, 40 + tokens, hidden, dtype)
+    if tokens > 20:
+        ids[:20, 0] = torch.where(ids[:20, 1:] == 2, ids[:20, 0:1], 2).amin(1)  # expert 2 over two 16-row blocks
+    out = fused_moe(x, w, ids, mod, config=config)
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+    summed_after = fused_moe(x, w, ids, mod, config=config, expert_parallel=True).float()
+    if DEVICE == "cuda":
+        assert torch.equal(summed_after, out.float())
+    else:  # the interpreter truncates fp32 -> bf16 where torch (and the GPU) round: one unit in the last place
+        assert torch.allclose(summed_after, out.float(), rtol=2**-7, atol=0)
+    assert torch.equal(fused_moe(x, w, ids, mod, config=config), out)
 
 
 def test_expert_parallel_ids_contribute_nothing():

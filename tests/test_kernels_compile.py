@@ -29,6 +29,25 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
     "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),
     "prefill tile, int3-only layer (words)": ("gemm", 128, 128, 64, 8, "int3", {"FOLD": True}),
+    "prefill gate_up tile zeroing the counters": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ZCH": 64}),
+    "prefill down tile, top-k sum in the epilogue": (
+        "gemm",
+        128,
+        128,
+        64,
+        8,
+        "int4",
+        {"FOLD": True, "ONE_FORMAT": 2, **{"GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8}},
+    ),
+    "decode down tile, every format, inline, top-k sum": (
+        "gemm",
+        16,
+        64,
+        128,
+        4,
+        "all",
+        {"ROUTE_PP": 512, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 6},
+    ),
 }
 
 CHILD = r"""
@@ -38,7 +57,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from exq.kernels import moe_gemm
 
-PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
         "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
         "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8"}
@@ -62,7 +81,8 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     if kind == "gemm":
         fn = moe_gemm.moe_gemm_kernel
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
-                      INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1)
+                      INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1,
+                      FINISH_K=0, ZCH=0)
     else:
         fn = moe_gemm.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
@@ -71,7 +91,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     try:
         out[name] = "ok" if compile_sm90(fn, consts, warps).asm["cubin"] else "no cubin"
     except Exception as err:  # the compiler's message is the test's failure message
-        out[name] = f"{type(err).__name__}: {str(err)[-600:]}"
+        out[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
 print(json.dumps(out))
 """
 

@@ -24,6 +24,11 @@ GROUP_WEIGHT_BYTES = 16 << 20
 GROUP_ROW_BLOCKS = 8
 GROUP_MAX_BLOCK_M = 64
 
+# the down GEMM sums top-k in its epilogue (the last program per token and column tile) for row blocks up to this
+# size; bigger tiles keep the separate sum: at one CTA per SM the epilogue's store -> fence -> count -> reload runs
+# exposed in every program (v17, H100: the 128-row tile 8-15 % slower at T = 1024-4096 with it)
+TOPK_SUM_MAX_BLOCK_M = 32
+
 
 @dataclass(frozen=True)
 class GemmConfig:

@@ -14,9 +14,9 @@ multiplies the decoded weights instead, so one accumulator suffices). For int4, 
 the even and odd input columns: two dots on [BLOCK_K / 2] slices, no nibble interleaving in registers.
 
 gate_up (GATED) computes the gate and the up rows of the same columns and writes silu(gate) * up; down multiplies by
-the routing weight. The reduction over top-k is one `sum` over the [T, k, H] result on the tensor-core path; the
-GEMV paths' down launch does it in its last program per output tile (`moe_gemv_kernel`, whose MMA variant runs the
-tensor-core tile below on a single row).
+the routing weight. The reduction over top-k happens in the down launch's last program per (token, column tile): on the
+GEMV paths (`moe_gemv_kernel`, whose MMA variant runs the tensor-core tile below on a single row) and for tensor-core
+row blocks of up to 32 rows (FINISH_K); the big prefill tiles leave it to one `sum` over the [T, k, H] result.
 """
 
 from __future__ import annotations
@@ -361,8 +361,8 @@ def _out_columns(pid_n, N: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, a32_ptr, c_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, ids_ptr, fs_ptr,
-    w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
-    P, E, stride_am, stride_cm,
+    w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a, out_ptr, cnt_ptr,
+    P, E, stride_am, stride_cm, ZERO_CNT,
     N: tl.constexpr, K: tl.constexpr,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_INT8: tl.constexpr, HAS_INT4: tl.constexpr, HAS_INT4_ASYM: tl.constexpr,
@@ -370,6 +370,7 @@ def moe_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, ONE_FORMAT: tl.constexpr = -1,
+    FINISH_K: tl.constexpr = 0, ZCH: tl.constexpr = 0,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -380,6 +381,12 @@ def moe_gemm_kernel(
     dispatch launch; program (expert, column tile) finds its pairs in topk_ids itself (a rank by prefix sum over
     the P ids, the order of a stable sort) and walks them BM rows at a time; sorted_ptr is then [E, ROUTE_PP]
     scratch.
+
+    FINISH_K = top_k (down): the top-k sum in the epilogue. Each program counts its rows in their (token, column
+    tile) counter (cnt_ptr) after writing them to C [P, N]; the program that brings a counter to top_k reads the
+    token's top_k rows of C back in slot order and writes their fp32 sum to out [T, N]. No sum launch, the same
+    bits as summing C afterwards, deterministic, and no program waits on another. ZCH > 0 (gate_up, which always
+    runs just before the down launch): programs zero ZCH counters each, ZERO_CNT in all, so no memset is needed.
     """
     # v12: a 1-D grid, column tiles fastest. The tiles of one row block (of one expert, inline) run together: its A
     # rows come from HBM once and then from L2 (T = 4096: down's A is 67 MB for olmoe, re-read per column tile in
@@ -389,6 +396,9 @@ def moe_gemm_kernel(
     # column tile together, so a weight tile is read once from HBM for all of them
     n_tiles: tl.constexpr = (N // 2 + BN // 2 - 1) // (BN // 2) if GATED else (N + BN - 1) // BN
     pid = tl.program_id(0)
+    if ZCH > 0:
+        z = pid * ZCH + tl.arange(0, ZCH)
+        tl.store(cnt_ptr + z, tl.zeros((ZCH,), tl.int32), mask=z < ZERO_CNT)
     if GROUP == 1:
         pid_m = pid // n_tiles
         pid_n = pid % n_tiles
@@ -415,7 +425,7 @@ def moe_gemm_kernel(
                        w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
                        pairs, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, out_ptr, cnt_ptr, n_tiles, FINISH_K)  # fmt: skip
     else:
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
@@ -425,7 +435,7 @@ def moe_gemm_kernel(
                        w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
                        pairs, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
                        HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD)  # fmt: skip
+                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, out_ptr, cnt_ptr, n_tiles, FINISH_K)  # fmt: skip
 
 
 @triton.jit
@@ -450,7 +460,7 @@ def _row_block(
     HAS_INT3: tl.constexpr, HAS_INT3_ASYM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
-    FOLD: tl.constexpr,
+    FOLD: tl.constexpr, out_ptr, cnt_ptr, n_tiles, FINISH_K: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] output tile of one expert (format code, slot) for these pairs (P = an empty row)."""
     pmask = pairs < P
@@ -474,6 +484,20 @@ def _row_block(
         out = out * w[:, None]
     c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=pmask[:, None] & nmask[None, :])
+    if FINISH_K > 0:
+        tl.debug_barrier()  # every thread's rows are written before any counter says so
+        tok = pairs // FINISH_K
+        seen = tl.atomic_add(cnt_ptr + tok * n_tiles + pid_n, 1, mask=pmask, sem="acq_rel", scope="gpu")
+        last = pmask & (seen == FINISH_K - 1)
+        if tl.sum(last.to(tl.int32), axis=0) > 0:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            first = (tok * FINISH_K).to(tl.int64)
+            for j in tl.static_range(FINISH_K):  # slot order, as a sum over [T, k, N] afterwards would take
+                part = tl.load(c_ptr + (first + j)[:, None] * stride_cm + n[None, :],
+                               mask=last[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+                total += part.to(tl.float32)
+            tl.store(out_ptr + tok[:, None].to(tl.int64) * N + n[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=last[:, None] & nmask[None, :])  # fmt: skip
 
 
 @triton.jit

@@ -160,9 +160,12 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
 
 
 def _gemm(
-    a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig, topk_ids=None
-) -> None:
-    """disp None: the inline dispatch (programs per expert read topk_ids themselves)."""
+    a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig, topk_ids=None,
+    finish=None, zero_counters=None,
+) -> None:  # fmt: skip
+    """disp None: the inline dispatch (programs per expert read topk_ids themselves). finish (down): (out [T, N],
+    counters [T x column tiles], top_k): the top-k sum in the epilogue into out. zero_counters (gate_up): the
+    counters the down launch after it will count in, zeroed by this launch."""
     import triton
 
     n_out = block.out_features // 2 if gated else block.out_features
@@ -187,14 +190,19 @@ def _gemm(
     grouped = disp is not None and cfg.block_m <= configs.GROUP_MAX_BLOCK_M and block.outgrows_l2
     group = configs.GROUP_ROW_BLOCKS if grouped else 1
     slabs, has = block.launch_args
+    out, counters, finish_k = finish if finish is not None else (c, topk_weights, 0)
+    zero_cnt, zch = 0, 0
+    if zero_counters is not None:
+        counters, zero_cnt = zero_counters, zero_counters.numel()
+        zch = max(16, next_pow2(-(-zero_cnt // grid[0])))
     moe_gemm_kernel[grid](
-        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt_slot, *slabs,
-        pairs, block.num_experts, a.stride(0), c.stride(0),
+        a, a.view(torch.int32), c, topk_weights, sorted_pairs, block_expert, ids, block.fmt_slot, *slabs, out, counters,
+        pairs, block.num_experts, a.stride(0), c.stride(0), zero_cnt,
         N=block.out_features, K=block.in_features, A_DIV=a_div, GATED=gated, MUL_W=mul_w, **has,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DT=dt,
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
-        FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format,
+        FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format, FINISH_K=finish_k, ZCH=zch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -295,15 +303,27 @@ def fused_moe(
         final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
         _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2, counters)
         return final
+    if expert_parallel or cfg2.block_m > configs.TOPK_SUM_MAX_BLOCK_M:
+        # pairs routed outside [0, E) are computed by no program: their rows read as zero, summed afterwards
+        if isinstance(cfg1, GemvConfig):
+            _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
+        else:
+            _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
+        out = (torch.zeros if expert_parallel else torch.empty)(p, h, dtype=hidden.dtype, device=hidden.device)
+        _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
+        return out.view(t, k, h).sum(dim=1)
+    # the down launch finishes the top-k sum itself (its last program per token and column tile, v17)
+    counters = torch.empty(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
     if isinstance(cfg1, GemvConfig):
+        counters.zero_()
         _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
     else:
-        _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
-    # pairs routed outside [0, E) (expert parallelism) are computed by no program: their rows must read as zero
-    alloc = torch.zeros if expert_parallel else torch.empty
-    out = alloc(p, h, dtype=hidden.dtype, device=hidden.device)
-    _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
-    return out.view(t, k, h).sum(dim=1)
+        _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched,
+                  zero_counters=counters)  # fmt: skip
+    out = torch.empty(p, h, dtype=hidden.dtype, device=hidden.device)
+    final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched, finish=(final, counters, k))
+    return final
 
 
 def _check_inputs(hidden, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlock) -> torch.Tensor:
@@ -364,15 +384,18 @@ def _check_config(cfg) -> None:
         )
 
 
-def _run_gemm(a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched) -> None:
+def _run_gemm(
+    a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched, **epilogue
+) -> None:
     """The tensor-core path; one dispatch per row-block size, shared by both projections (none with
-    inline_dispatch up to INLINE_DISPATCH_PAIRS pairs; beyond, the dispatch as usual)."""
+    inline_dispatch up to INLINE_DISPATCH_PAIRS pairs; beyond, the dispatch as usual). epilogue: `_gemm`'s finish /
+    zero_counters."""
     if cfg.inline_dispatch and p <= configs.INLINE_DISPATCH_PAIRS:
-        _gemm(a, c, topk_weights, None, block, p, a_div, gated, mul_w, cfg, topk_ids)
+        _gemm(a, c, topk_weights, None, block, p, a_div, gated, mul_w, cfg, topk_ids, **epilogue)
         return
     if cfg.block_m not in dispatched:
         dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
-    _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg)
+    _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg, **epilogue)
 
 
 def kernel_blocks(experts) -> tuple[KernelBlock, KernelBlock]:
