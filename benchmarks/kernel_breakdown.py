@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from exq.bench import SHAPES
-from exq.bench.kernels import graph_time_us, measure_floors, routing
+from exq.bench.kernels import config_name, graph_time_us, measure_floors, routing
 from exq.kernels import kernel_blocks
 from exq.kernels.configs import GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch
@@ -93,16 +93,12 @@ def device_kernels(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _pair(cfg) -> tuple:
-    return cfg if isinstance(cfg, tuple) else (cfg,)
-
-
 def _ab_cell(t, cfg, mods, shape, layers, reps) -> dict:
     e, h, _, k = shape
     x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
     routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
     return {
-        "config": " / ".join(type(c).__name__ + str(tuple(c.as_dict().values())) for c in _pair(cfg)),
+        "config": config_name(cfg),
         "kernels": device_kernels(lambda: fused_moe(x, *routes[0], mods[0], config=cfg)),
         "whole_us": graph_time_us(lambda j: fused_moe(x, *routes[j], mods[j], config=cfg), layers, reps),
     }

@@ -37,7 +37,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
         64,
         8,
         "int4",
-        {"FOLD": True, "ONE_FORMAT": 2, **{"GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8}},
+        {"FOLD": True, "ONE_FORMAT": 2, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8},
     ),
     "decode down tile, every format, inline, top-k sum": (
         "gemm",

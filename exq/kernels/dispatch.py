@@ -156,13 +156,10 @@ if triton is not None:
             tl.store(sorted_ptr + lo + j, tl.full([BLOCK_M], 0, tl.int32) + P, mask=lo + j < hi)
         used = tl.sum(blocks, axis=0) * BLOCK_M
         span = (NB * BLOCK_M - used + nch - 1) // nch  # unused blocks' slots, a span per program
-        for s0 in range(used + c * span, tl.minimum(used + (c + 1) * span, NB * BLOCK_M), FILL):
+        end = tl.minimum(used + (c + 1) * span, NB * BLOCK_M)
+        for s0 in range(used + c * span, end, FILL):
             s = s0 + tl.arange(0, FILL)
-            tl.store(
-                sorted_ptr + s,
-                tl.full([FILL], 0, tl.int32) + P,
-                mask=s < tl.minimum(used + (c + 1) * span, NB * BLOCK_M),
-            )
+            tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < end)
         b = c * OB + tl.arange(0, OB)
         owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, owner, mask=b < NB)

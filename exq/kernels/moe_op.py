@@ -303,24 +303,23 @@ def fused_moe(
         final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
         _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2, counters)
         return final
-    if expert_parallel or cfg2.block_m > configs.TOPK_SUM_MAX_BLOCK_M:
-        # pairs routed outside [0, E) are computed by no program: their rows read as zero, summed afterwards
-        if isinstance(cfg1, GemvConfig):
-            _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
-        else:
-            _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
-        out = (torch.zeros if expert_parallel else torch.empty)(p, h, dtype=hidden.dtype, device=hidden.device)
-        _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
-        return out.view(t, k, h).sum(dim=1)
-    # the down launch finishes the top-k sum itself (its last program per token and column tile, v17)
-    counters = torch.empty(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
+    # the down launch finishes the top-k sum itself (its last program per token and column tile, v17) for row blocks
+    # up to TOPK_SUM_MAX_BLOCK_M; not with expert parallelism: pairs routed outside [0, E) are computed by no
+    # program, so their rows must read as zero and be summed afterwards
+    finish = not expert_parallel and cfg2.block_m <= configs.TOPK_SUM_MAX_BLOCK_M
+    counters = None
+    if finish:  # zeroed by a gate_up GEMM launch, by torch before a GEMV one
+        alloc = torch.zeros if isinstance(cfg1, GemvConfig) else torch.empty
+        counters = alloc(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
     if isinstance(cfg1, GemvConfig):
-        counters.zero_()
         _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
     else:
         _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched,
                   zero_counters=counters)  # fmt: skip
-    out = torch.empty(p, h, dtype=hidden.dtype, device=hidden.device)
+    out = (torch.zeros if expert_parallel else torch.empty)(p, h, dtype=hidden.dtype, device=hidden.device)
+    if not finish:
+        _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
+        return out.view(t, k, h).sum(dim=1)
     final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
     _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched, finish=(final, counters, k))
     return final
