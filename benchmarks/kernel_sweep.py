@@ -21,7 +21,10 @@ from exq.bench import PLANS, SHAPES, group_quantized
 from exq.kernels.configs import GemmConfig as G
 from exq.kernels.configs import GemvConfig
 
-MMA = [GemvConfig(*c, mma=True) for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1))]
+MMA = [  # v18: (64, 2, 4, 3, 1), two groups per K step, mixed plan at T = 4
+    GemvConfig(*c, mma=True)
+    for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1), (64, 2, 4, 3, 1))
+]
 # group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us)
 CUDA_CORES = [GemvConfig(32, 4, 4, 2), GemvConfig(64, 2, 4, 2), GemvConfig(32, 2, 4, 2), GemvConfig(32, 4, 4, 3)]
 

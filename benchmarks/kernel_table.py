@@ -10,7 +10,11 @@ the best swept one from `exq_sweep`), keyed by the layer class and the rows per 
 (uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line override earlier ones for the
 same cell (newer kernels); files after --if-faster replace a cell only with a faster time (a targeted run that
 timed a few candidates must not replace a full sweep's better pick); experiment files stay out (their configs may
-no longer exist). Only the plans that are table classes (int4, mixed, bf16) make entries.
+no longer exist). Only the plans that are table classes (int4, mixed, bf16) make entries. --base starts from an
+existing table's cells (its sources are not re-read), so a targeted run can update a shipped table:
+
+    python benchmarks/kernel_table.py --base exq/kernels/tuned/h100.json --if-faster docs/bench/NEW.json \
+        --output exq/kernels/tuned/h100.json
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 from pathlib import Path
 
 from exq.bench import SHAPES
-from exq.fileio import atomic_write_bytes
+from exq.fileio import atomic_write_bytes, read_json
 from exq.kernels.tuning import (
     CLASSES,
     TABLE_FORMAT,
@@ -38,11 +42,18 @@ def rows_per_active_expert(tokens: int, experts: int, k: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("results", nargs="*", type=Path)
+    ap.add_argument("--base", type=Path, default=None, help="an existing table whose cells the results update")
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--if-faster", nargs="+", type=Path, default=[], help="results that replace a cell only if faster")
     a = ap.parse_args()
-    cells, gpu = {}, None
+    cells, gpu, sources = {}, None, []
+    if a.base is not None:
+        base = validate_table(read_json(a.base, "kernel table"), str(a.base))
+        gpu, sources = base["gpu"], list(base["source"])
+        cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
+    if not a.results and not a.if_faster:
+        raise SystemExit("no benchmark results given")
     for path in a.results + a.if_faster:
         r = json.loads(path.read_text())
         gpu = gpu or r["device"]
@@ -76,7 +87,7 @@ def main() -> None:
         "format": TABLE_FORMAT,
         "schema_version": TABLE_SCHEMA,
         "gpu": gpu,
-        "source": [p.name for p in a.results + a.if_faster],
+        "source": sources + [p.name for p in a.results + a.if_faster],
         "entries": sorted(cells.values(), key=lambda c: (c["class"], c["rows_per_expert"], c["shape"])),
     }
     validate_table(table, str(a.output))

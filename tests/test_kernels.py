@@ -109,6 +109,7 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, mma=True)),
         (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),
         (ALL, torch.bfloat16, 2, (GemvConfig(32, 1, 4, 2, mma=True), GemvConfig(32, 1, 4, 2))),  # mma then CUDA cores
+        (ALL, torch.float16, 3, (GemvConfig(64, 2, 4, 3, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),  # 2 groups
         # int3 (8 codes in 3 bytes): GEMV steps of 2 groups; layers of int3 only take the byte-gather tile up to 32
         # rows (folded scales too) and the word tile beyond, layers with other formats the word tile everywhere
         ({"int3": 0.5, "int4": 0.5}, torch.float16, 3, (GemvConfig(32, 2, 4, 2), GemvConfig(64, 1, 4, 2))),
@@ -373,6 +374,8 @@ def test_expert_parallel_ids_contribute_nothing():
         ({"int4": 0.5, "int4-asym": 0.5}, torch.bfloat16, 9, GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)),
         ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 21, GemmConfig(32, 64, 512, 4, 2, fold_scales=True)),
         (ALL, torch.bfloat16, 30, GemmConfig(16, 64, 256, 4, 2)),
+        (ALL, torch.bfloat16, 3, GemvConfig(32, 2, 4, 2, mma=True)),  # the tensor-core GEMV, one pair per tile
+        ({"int4": 0.5, "int4-asym": 0.5}, torch.float16, 2, GemvConfig(64, 2, 4, 3, split_k=2, mma=True)),
     ],
 )
 def test_multi_group_k_steps_carry_scales_across_iterations(shares, dtype, tokens, config):
@@ -402,6 +405,9 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
     assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
 
 
+PLAN_V18 = {"bf16": 0.25, "int8": 0.25, "int4": 0.5}
+
+
 def test_default_rule_picks_a_path_per_layer_kind():
     """Without a planned config: the CUDA-core GEMV for int4 layers at decode, the tensor-core GEMV once bf16 /
     int8 experts are in the layer (all-bf16 layers too), GEMM row blocks for more pairs than experts."""
@@ -413,6 +419,12 @@ def test_default_rule_picks_a_path_per_layer_kind():
     }
     assert default_config(8, 8, blocks["int4"]) == GemvConfig(64, 2, 4, 2)  # few experts: GEMV up to E pairs
     assert default_config(8, 8, blocks["mixed"]).mma
+    # layers of bf16 / int8 / int4 experts past a pair per 8 experts: the tensor-core GEMV takes two groups per K
+    # step (v18); up to a pair per 8 experts, and for layers without int4 experts, one
+    plan = kernel_blocks(random_experts(8, 256, 128, mixed_formats(8, PLAN_V18), device=DEVICE))[0]
+    assert default_config(8, 8, plan) == GemvConfig(64, 2, 4, 3, mma=True)
+    assert default_config(1, 8, plan) == GemvConfig(64, 1, 4, 4, mma=True)
+    assert default_config(8, 8, blocks["bf16"]) == GemvConfig(64, 1, 4, 4, mma=True)
     assert default_config(8, 8, blocks["bf16"]).mma
     assert isinstance(default_config(9, 8, blocks["bf16"]), GemmConfig)
     assert default_config(9, 8, blocks["int4"]).block_m == 16
@@ -475,7 +487,7 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):
         fused_moe(x, w, ids, mod, config={"block_m": 16})
-    with pytest.raises(ExqError, match="groups_per_step=1"):
+    with pytest.raises(ExqError, match="divisible by 128 x groups_per_step"):  # K = 128: no 2-group step
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 2, mma=True))
     with pytest.raises(ExqError, match="divisible by 128"):  # K = 128 cannot split in 2 steps of 128
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, split_k=2, mma=True))

@@ -25,6 +25,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, two groups per K iteration": ("gemm", 16, 128, 256, 4, "all", {"ROUTE_PP": 512}),
     "prefill tile, scales folded": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True}),
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
+    "tensor-core GEMV, two groups per K step": ("gemv", 0, 64, 256, 4, "all", {"GPS": 2}),
     "CUDA-core GEMV, every format, 2-group K steps": ("gemv", 0, 32, 128, 4, "all", {"MMA": False, "GPS": 2}),
     "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
     "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),

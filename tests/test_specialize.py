@@ -232,3 +232,9 @@ def test_kernel_table_merges_runs(tmp_path):
     assert faster[1] == ({"kind": "gemv", **GemvConfig(32, 4, 4, 2).as_dict()}, 20.0)
     assert faster[4][1] == 49.0 and faster[4][0]["kind"] == "gemm"
     assert set(faster) == {1, 4}  # the int3 row made no entry
+    # --base: a shipped table updated by a targeted run (here: only the faster T = 4 cell of b.json replaces a's)
+    table("a.json")
+    (tmp_path / "base.json").write_text((tmp_path / "t.json").read_text())
+    updated = table("--base", str(tmp_path / "base.json"), "--if-faster", "b.json")
+    assert updated[1][1] == 20.0 and updated[4][1] == 49.0
+    assert json.loads((tmp_path / "t.json").read_text())["source"] == ["a.json", "b.json"]

@@ -146,6 +146,7 @@ GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma)
     (128, 1, 4, 3, 1, True),
     (128, 1, 4, 4, 2, True),
     (64, 1, 4, 4, 4, True),
+    (64, 2, 4, 3, 1, True),  # v18: two groups per K step (mixed plan, T = 4)
 ]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),

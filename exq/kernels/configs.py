@@ -56,7 +56,7 @@ class GemvConfig:
     """The decode path: one program per (pair, column tile), CUDA-core FMAs, no dispatch."""
 
     block_n: int = 64
-    groups_per_step: int = 2  # K step = 128 x this
+    groups_per_step: int = 2  # K step = 128 x this (mma: int4 / int3 experts; bf16 / int8 ones step 128 inside it)
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # > 1: K cut in this many parts, partial sums finished by a reduce kernel

@@ -689,7 +689,7 @@ def moe_gemv_kernel(
             tile = _expert_tile(a_ptr, a32_ptr, a_row + r * 0, r == 0, K, fmt, slot, rows, N, K, 2 * kb_lo, K // SPLIT,
                                 w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
                                 HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM,
-                                16, BN, 128, DT, MAGIC_BITS, MAGIC_BASE, False, PTX)  # fmt: skip
+                                16, BN, 128 * GPS, DT, MAGIC_BITS, MAGIC_BASE, False, PTX)  # fmt: skip
             acc = tl.sum(tile, axis=0)  # rows 1..15 are zero
         else:
             acc = _gemv_rows(a_ptr, a32_ptr, a_row, w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a, fmt, slot,

@@ -136,6 +136,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             # T = 1 all-int3 41.5 / 35.7 vs 53.8 / 50.6 us, with 30 % int3 among other formats 46.3 / 40.8 vs
             # 62.8 / 58.0; T = 4 5-15 % (the 8 cells of docs/bench/v15/int3_hybrid_sweep_h100.log)
             return GemvConfig(64, 1, 4, 3, split_k=2, mma=True)
+        if 8 * pairs > num_experts and block.present & {"int4", "int4-asym"} and block.in_features % 256 == 0:
+            # v18 (H100, mixed plan, T = 4): two groups per K step, int4 experts streaming 256 inputs per pipelined
+            # step (bf16 / int8 experts keep 128): olmoe 63.6 vs 67.5 us, qwen3 55.5 vs 57.8; at a pair or less per
+            # 8 experts (T = 1) one group stays faster (qwen3 22.7 vs 23.3)
+            return GemvConfig(64, 2, 4, 3, mma=True)
         return GemvConfig(64, 1, 4, 4, mma=True)
     # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
@@ -228,8 +233,6 @@ def _gemv(
     import triton
 
     split = cfg.split_k
-    if cfg.mma and cfg.groups_per_step != 1:
-        raise ExqError("the tensor-core GEMV (mma) steps one group of 128 at a time", "use groups_per_step=1")
     if block.in_features % cfg.k_step:
         raise ExqError(
             f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
