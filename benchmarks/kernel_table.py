@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from exq.bench import SHAPES
+from exq.errors import ExqError, FormatError
 from exq.fileio import atomic_write_bytes, read_json
 from exq.kernels.tuning import (
     CLASSES,
@@ -47,15 +48,29 @@ def main() -> None:
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--if-faster", nargs="+", type=Path, default=[], help="results that replace a cell only if faster")
     a = ap.parse_args()
+    if not a.results and not a.if_faster:
+        raise SystemExit("no benchmark results given: name `exq bench kernels` / kernel_sweep.py JSON files")
+    try:
+        build(a)
+    except ExqError as err:  # a missing or malformed input file: its message, not a traceback
+        raise SystemExit(f"error: {err}") from err
+
+
+def _results(path: Path) -> dict:
+    r = read_json(path, "benchmark result")
+    if not isinstance(r, dict) or not isinstance(r.get("rows"), list) or "device" not in r:
+        raise FormatError(f"{path} is not an `exq bench kernels` result (no device / rows)")
+    return r
+
+
+def build(a: argparse.Namespace) -> None:
     cells, gpu, sources = {}, None, []
     if a.base is not None:
         base = validate_table(read_json(a.base, "kernel table"), str(a.base))
         gpu, sources = base["gpu"], list(base["source"])
         cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
-    if not a.results and not a.if_faster:
-        raise SystemExit("no benchmark results given")
     for path in a.results + a.if_faster:
-        r = json.loads(path.read_text())
+        r = _results(path)
         gpu = gpu or r["device"]
         if r["device"] != gpu:
             raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")

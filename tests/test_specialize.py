@@ -238,3 +238,25 @@ def test_kernel_table_merges_runs(tmp_path):
     updated = table("--base", str(tmp_path / "base.json"), "--if-faster", "b.json")
     assert updated[1][1] == 20.0 and updated[4][1] == 49.0
     assert json.loads((tmp_path / "t.json").read_text())["source"] == ["a.json", "b.json"]
+
+
+def test_kernel_table_names_a_bad_input_and_writes_nothing(tmp_path):
+    """benchmarks/kernel_table.py: a missing or malformed result or base table stops with a message naming the file,
+    before the output is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_table.py"
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": "not a list"}))
+    out = tmp_path / "t.json"
+    for args, said in (
+        (["bad.json"], "bad.json is not an `exq bench kernels` result"),
+        (["missing.json"], "missing.json does not exist"),
+        (["--base", "bad.json", "--if-faster", "missing.json"], "bad.json is not an exq kernel table"),
+        ([], "no benchmark results given"),
+    ):
+        run = subprocess.run([sys.executable, str(script), *args, "--output", str(out)], cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode != 0 and said in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert not out.exists()
