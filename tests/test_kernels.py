@@ -4,6 +4,8 @@ the same tests on a GPU."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,20 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),
         (ALL, torch.bfloat16, 2, (GemvConfig(32, 1, 4, 2, mma=True), GemvConfig(32, 1, 4, 2))),  # mma then CUDA cores
         (ALL, torch.float16, 3, (GemvConfig(64, 2, 4, 3, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),  # 2 groups
+        # both projections in one launch of work items: CUDA cores, tensor cores, one of each
+        (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, one_launch=True)),
+        (
+            ALL,
+            torch.float16,
+            5,
+            (GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, mma=True, one_launch=True)),
+        ),
+        (
+            ALL,
+            torch.bfloat16,
+            1,
+            (GemvConfig(32, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, one_launch=True)),
+        ),
         # int3 (8 codes in 3 bytes): GEMV steps of 2 groups; layers of int3 only take the byte-gather tile up to 32
         # rows (folded scales too) and the word tile beyond, layers with other formats the word tile everywhere
         ({"int3": 0.5, "int4": 0.5}, torch.float16, 3, (GemvConfig(32, 2, 4, 2), GemvConfig(64, 1, 4, 2))),
@@ -283,6 +299,7 @@ def test_gemv_down_sums_top_k_in_its_last_program(dtype, tokens, config):
     [
         GemvConfig(32, 1, 4, 2, 1),
         GemvConfig(32, 1, 4, 2, 2),
+        GemvConfig(32, 1, 4, 2, one_launch=True),  # counters in a workspace each launch leaves zeroed
         GemmConfig(16, 64, 128, 4, 2, inline_dispatch=True),  # down's epilogue sums top-k, gate_up zeroes counters
         GemmConfig(32, 64, 128, 4, 2),
     ],
@@ -366,6 +383,61 @@ def test_expert_parallel_ids_contribute_nothing():
     out = fused_moe(x, w, foreign, mod, expert_parallel=True)
     ref = reference(x, w[:, :1], ids[:, :1], mod)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("mma", [False, True])
+def test_one_launch_leaves_its_counters_zeroed(mma):
+    """The one-launch decode kernel's counters (tickets, a count per pair, a count per token and column tile) are
+    all set back to zero by their last user, so launch after launch runs without a memset; ids of other ranks
+    still count (their down items must not wait forever) and contribute nothing."""
+    from exq.kernels.moe_op import kernel_blocks
+
+    experts, hidden, inter, k = 8, 256, 128, 3
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=4), device=DEVICE, seed=4)
+    cfg = GemvConfig(32, 1, 4, 2, mma=mma, one_launch=True)
+    for tokens, seed in ((3, 40), (1, 41), (6, 42)):
+        x, w, ids = routing(tokens, experts, k, seed, hidden, torch.bfloat16)
+        assert rel_err(fused_moe(x, w, ids, mod, config=cfg), reference(x, w, ids, mod)) < 1e-2
+        foreign = ids.clone()
+        foreign[:, 1] = -1
+        out = fused_moe(x, w, foreign, mod, config=cfg, expert_parallel=True)
+        keep = [0, 2]
+        assert rel_err(out, reference(x, w[:, keep], ids[:, keep], mod)) < 1e-2
+        counters = kernel_blocks(mod)[0]._counters
+        assert len(counters) == 1 and counters[0].numel() >= 1 + tokens * k + tokens * hidden // 32
+        assert not counters[0].any()
+
+
+def test_one_launch_needs_both_projections():
+    from exq.kernels.moe_op import default_configs, kernel_blocks
+
+    mod = random_experts(8, 256, 128, ["int4"] * 8, device=DEVICE)
+    x, w, ids = routing(2, 8, 2, 0, 256, torch.bfloat16)
+    one = GemvConfig(32, 1, 4, 2, one_launch=True)
+    for pair in (
+        (one, GemvConfig(32, 1, 4, 2)),
+        (GemvConfig(32, 1, 4, 2), one),
+        (one, GemvConfig(32, 1, 4, 3, one_launch=True)),
+    ):
+        with pytest.raises(ExqError, match="one_launch"):
+            fused_moe(x, w, ids, mod, config=pair)
+    with pytest.raises(ExqError, match="one_launch"):
+        fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, 4, 2, split_k=2, one_launch=True))
+    # the default rule asks for one launch on layers of mixed formats at 17-32 pairs (v19; from 16 pairs two groups
+    # per K step), and only where both projections' rules agree: a down K of 384 (not a multiple of 256) takes
+    # another config
+    plan = random_experts(128, 256, 256, mixed_formats(128, PLAN_V18), device=DEVICE)
+    blocks = kernel_blocks(plan)
+    two_groups = GemvConfig(64, 2, 4, 3, mma=True)
+    assert default_configs(24, *blocks) == (replace(two_groups, one_launch=True),) * 2
+    assert default_configs(32, *blocks)[0].one_launch
+    assert default_configs(16, *blocks) == (two_groups,) * 2  # 16 = E / 8 pairs: two groups, two launches
+    assert default_configs(48, *blocks) == (two_groups,) * 2
+    assert default_configs(8, *blocks) == (GemvConfig(64, 1, 4, 4, mma=True),) * 2
+    odd = random_experts(64, 256, 384, mixed_formats(64, PLAN_V18), device=DEVICE)
+    assert not any(c.one_launch for c in default_configs(24, *kernel_blocks(odd)))
+    x, w, ids = routing(12, 128, 2, 5, 256, torch.bfloat16)
+    assert rel_err(fused_moe(x, w, ids, plan), reference(x, w, ids, plan)) < 1e-2
 
 
 @pytest.mark.parametrize(
@@ -606,6 +678,12 @@ def test_bench_refines_decode_configs_per_projection():
         best, 20.0, [a], lambda pair: cost[pair[0]][0] + cost[pair[1]][1] + 9 * (pair[0] != best)
     )
     assert list(slow_gate_up) == [(a, best), (best, a)]  # gate_up keeps best: no pair
+    # one-launch GEMVs pair only with each other, at the kernel's one num_warps / num_stages
+    one, one2, one_slow = (GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, mma=True,
+                           one_launch=True), GemvConfig(64, 1, 4, 4, mma=True, one_launch=True))  # fmt: skip
+    paired = per_projection(one, 20.0, [one, one2, one_slow, a, b], lambda pair: 20.0)
+    assert set(paired) == {(one2, one), (one, one2)}
+    assert set(per_projection(a, 20.0, [a, b, one, one2], lambda pair: 20.0)) == {(b, a), (a, b)}
 
 
 def test_bench_report_plots_any_plans(tmp_path):

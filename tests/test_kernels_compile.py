@@ -27,6 +27,8 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "tensor-core GEMV, every format": ("gemv", 0, 64, 128, 4, "all", {}),
     "tensor-core GEMV, two groups per K step": ("gemv", 0, 64, 256, 4, "all", {"GPS": 2}),
     "CUDA-core GEMV, every format, 2-group K steps": ("gemv", 0, 32, 128, 4, "all", {"MMA": False, "GPS": 2}),
+    "one-launch decode, every format": ("decode", 0, 64, 256, 4, "all", {}),
+    "one-launch decode, CUDA cores, int4": ("decode", 0, 32, 512, 4, "int4", {"MMA1": False, "MMA2": False}),
     "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
     "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),
     "prefill tile, int3-only layer (words)": ("gemm", 128, 128, 64, 8, "int3", {"FOLD": True}),
@@ -61,7 +63,11 @@ from exq.kernels import moe_gemm
 PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
         "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
-        "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8"}
+        "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8",
+        "mid_ptr": "*bf16", "mid32_ptr": "*i32", "sync_ptr": "*i32", "fs1": "*i32", "fs2": "*i32"}
+for pre in ("g", "d"):  # moe_decode_kernel: gate_up's slabs, then down's
+    PTRS |= {pre + (n[1:] if n[0] == "w" else n): PTRS[n]
+             for n in "w16 w8 s8 w4 s4 wa sa za w3 s3 w3a s3a z3a".split()}
 FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_ASYM=False, HAS_INT3=False,
                         HAS_INT3_ASYM=False),
            "all": dict(HAS_BF16=True, HAS_INT8=True, HAS_INT4=True, HAS_INT4_ASYM=True, HAS_INT3=True,
@@ -84,11 +90,19 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
                       INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1,
                       FINISH_K=0, ZCH=0)
+    elif kind == "decode":
+        fn = moe_gemm.moe_decode_kernel
+        consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
+                      BN2=bn, GPS2=1, MMA2=True, ONE2=-1)
+        consts |= {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}
+        consts |= MAGIC | flags
+        flags = {}
     else:
         fn = moe_gemm.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
                       TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
-    consts |= MAGIC | FORMATS[fmts] | flags
+    if kind != "decode":
+        consts |= MAGIC | FORMATS[fmts] | flags
     try:
         out[name] = "ok" if compile_sm90(fn, consts, warps).asm["cubin"] else "no cubin"
     except Exception as err:  # the compiler's message is the test's failure message

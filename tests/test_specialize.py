@@ -49,7 +49,8 @@ def test_configs_survive_tables_and_bench_records():
     from exq.errors import FormatError
     from exq.kernels.tuning import config_from_dict, parse_bench_config
 
-    for cfg in (GemvConfig(64, 1, 4, 4, 2, mma=True), GemvConfig(32, 4), GemmConfig(64, 128, 128, 4, 3)):
+    one = GemvConfig(64, 2, 4, 3, mma=True, one_launch=True)
+    for cfg in (GemvConfig(64, 1, 4, 4, 2, mma=True), GemvConfig(32, 4), GemmConfig(64, 128, 128, 4, 3), one):
         assert config_from_dict(config_to_dict(cfg)) == cfg
         assert parse_bench_config(type(cfg).__name__ + str(tuple(cfg.as_dict().values()))) == cfg
     old = {"kind": "gemv", "block_n": 32, "groups_per_step": 1, "num_warps": 4, "num_stages": 2, "split_k": 1}

@@ -120,7 +120,7 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
 ]
-GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma)
+GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma[, one_launch])
     (32, 1, 4, 2, 1, False),
     (64, 1, 4, 2, 1, False),
     (64, 2, 4, 2, 1, False),
@@ -147,6 +147,9 @@ GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma)
     (128, 1, 4, 4, 2, True),
     (64, 1, 4, 4, 4, True),
     (64, 2, 4, 3, 1, True),  # v18: two groups per K step (mixed plan, T = 4)
+    # v19: both projections in one launch (mixed plan, T = 4)
+    (64, 2, 4, 3, 1, True, True),
+    (64, 1, 4, 3, 1, True, True),
 ]
 SGL_CONFIGS = [  # BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages
     (16, 32, 64, 1, 4, 3),
@@ -221,7 +224,7 @@ def per_projection(best, best_us: float, candidates, time_us: Callable[[object],
     (best_us for both) on the other, then the pair of the two winners when both differ from it. Returns
     {(gate_up, down): time} of everything timed (that pair last). v14: GEMV tiles at T = 1 / 4 (qwen3 T = 4 49.7
     -> 45.4 us); v16: GEMM tiles at T = 16 (olmoe down 16 x 128 x 128, 4 stages: 96.0 -> 94.4 us)."""
-    same = [c for c in candidates if type(c) is type(best) and c != best]
+    same = [c for c in candidates if type(c) is type(best) and c != best and _shares_launch(c, best)]
     times = {}
     gate_up = down = (best_us, best)
     for c in same:
@@ -234,16 +237,26 @@ def per_projection(best, best_us: float, candidates, time_us: Callable[[object],
     return times
 
 
+def _shares_launch(a, b) -> bool:
+    """Whether a and b can be the two projections' configs: one-launch GEMVs only pair with each other, at one
+    num_warps / num_stages (the kernel's)."""
+    one = getattr(a, "one_launch", False)
+    if one != getattr(b, "one_launch", False):
+        return False
+    return not one or (a.num_warps, a.num_stages) == (b.num_warps, b.num_stages)
+
+
 def default_configs(plan: str, tokens: int, shape) -> tuple:
     """The (gate_up, down) configs `fused_moe` picks without one for this cell (its default rule), from the
     shape and the plan's formats alone: what `exq_default_us` timed."""
-    from exq.kernels.moe_op import KernelBlock, default_config
+    from exq.kernels.moe_op import KernelBlock
+    from exq.kernels.moe_op import default_configs as layer_defaults
 
     e, h, i, k = shape
     present = frozenset(f for f, share in PLANS[plan].items() if share > 0)
     ids = torch.zeros(e, dtype=torch.int32)
-    blocks = (KernelBlock(o, n, ids, {}, present) for o, n in ((2 * i, h), (h, i)))
-    return tuple(default_config(tokens * k, e, b) for b in blocks)
+    gu, dn = (KernelBlock(o, n, ids, {}, present) for o, n in ((2 * i, h), (h, i)))
+    return layer_defaults(tokens * k, gu, dn)
 
 
 def bench_layer(x, routes, mods, plan: str, shape, layers: int, reps: int, sgl, floors: Floors, candidates) -> dict:

@@ -61,6 +61,9 @@ class GemvConfig:
     num_stages: int = 2
     split_k: int = 1  # > 1: K cut in this many parts, partial sums finished by a reduce kernel
     mma: bool = False  # the dot product on tensor cores (a 16-row tile holding the pair's row), not CUDA cores
+    # gate_up and down in one launch (`moe_decode_kernel`): set on both projections' configs, which then share
+    # num_warps / num_stages (gate_up's) and take no split_k
+    one_launch: bool = False
 
     @property
     def k_step(self) -> int:

@@ -2,12 +2,13 @@
 
 No host sync, CUDA-graph capturable. Tensor-core path: dispatch (pairs sorted by expert), gate_up GEMM with
 silu(gate) * up in its epilogue, down GEMM scaled by the routing weights, then a sum over top-k (four launches).
-Decode (GEMV) path: gate_up GEMV, then a down GEMV whose last program per output tile sums over top-k (two).
+Decode (GEMV) path: gate_up GEMV, then a down GEMV whose last program per output tile sums over top-k (two); or
+both GEMVs as the work items of one launch (`GemvConfig.one_launch`, `moe_decode_kernel`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -17,7 +18,7 @@ from exq.formats import FORMATS
 from exq.kernels import configs
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting, next_pow2
-from exq.kernels.moe_gemm import gemv_reduce_kernel, moe_gemm_kernel, moe_gemv_kernel
+from exq.kernels.moe_gemm import gemv_reduce_kernel, moe_decode_kernel, moe_gemm_kernel, moe_gemv_kernel
 
 
 @dataclass
@@ -54,6 +55,19 @@ class KernelBlock:
         absent formats' branches away (built once per block: the decode launches are a few microseconds)."""
         flags = {"HAS_" + name.upper().replace("-", "_"): name in self.present for name in _SLOT_NAMES}
         return [self.tensors[n] for n in _SLAB_ARGS], flags
+
+    def counters(self, n: int) -> torch.Tensor:
+        """At least n int32 counters for `moe_decode_kernel`, which leaves them zeroed: one set per layer (two
+        layers never share one; one layer's op runs on one stream at a time), kept for the block's life because a
+        CUDA graph holds their address, not the tensor. Under capture with none big enough: a fresh zeroed set
+        (a memset in the graph), not kept, since it holds no zeros until the graph first runs."""
+        kept = self.__dict__.setdefault("_counters", [])
+        if kept and kept[-1].numel() >= n:
+            return kept[-1]
+        buf = torch.zeros(next_pow2(max(n, 256)), dtype=torch.int32, device=self.fmt_slot.device)
+        if not (buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+            kept.append(buf)
+        return buf
 
     def nbytes_of(self, experts: torch.Tensor | None = None) -> int:
         """Weight bytes the kernel streams for these experts (all if None): codes, scales, zero points."""
@@ -122,6 +136,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # 1.14-1.17x for all-bf16 layers). v13: at pairs = E the 16-row tile wins already (qwen3 T = 16: 107.6 vs
     # 150.1 us), so the GEMV up to E / 2 pairs; layers of few experts (Mixtral: 8) keep it up to E pairs (T = 4)
     int4_only = block.present <= {"int4", "int4-asym"}
+    k256 = block.in_features % 256 == 0
     if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
         if int4_only:
             # v13 (H100, int4, T = 1 / 4): a pair or less per 8 experts takes longer K steps in narrower tiles
@@ -136,11 +151,14 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             # T = 1 all-int3 41.5 / 35.7 vs 53.8 / 50.6 us, with 30 % int3 among other formats 46.3 / 40.8 vs
             # 62.8 / 58.0; T = 4 5-15 % (the 8 cells of docs/bench/v15/int3_hybrid_sweep_h100.log)
             return GemvConfig(64, 1, 4, 3, split_k=2, mma=True)
-        if 8 * pairs > num_experts and block.present & {"int4", "int4-asym"} and block.in_features % 256 == 0:
+        if (8 * pairs > num_experts or pairs >= 16) and block.present & {"int4", "int4-asym"} and k256:
             # v18 (H100, mixed plan, T = 4): two groups per K step, int4 experts streaming 256 inputs per pipelined
             # step (bf16 / int8 experts keep 128): olmoe 63.6 vs 67.5 us, qwen3 55.5 vs 57.8; at a pair or less per
-            # 8 experts (T = 1) one group stays faster (qwen3 22.7 vs 23.3)
-            return GemvConfig(64, 2, 4, 3, mma=True)
+            # 8 experts (T = 1) one group stays faster (qwen3 22.7 vs 23.3), below 16 pairs (qwen3 T = 2: 33.0 vs
+            # 36.1, v19). v19: both projections in one launch for 17-32 pairs (olmoe / qwen3 T = 3: 50.2 / 44.8 vs
+            # 56.2 / 50.0 us, T = 4: 61.0 / 53.3 vs 64.2 / 56.2); a tie at 16, slower from 48 (qwen3 T = 6 / 8:
+            # 77.7 / 99.7 vs 75.8 / 92.0) and at T = 1 (docs/bench/v19/one_launch_threshold.json)
+            return GemvConfig(64, 2, 4, 3, mma=True, one_launch=16 < pairs <= 32)
         return GemvConfig(64, 1, 4, 4, mma=True)
     # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
@@ -162,6 +180,14 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
     # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us)
     return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
+
+
+def default_configs(pairs: int, gu: KernelBlock, dn: KernelBlock) -> tuple[Config, Config]:
+    """`default_config` for both projections of a layer; one launch only where both rules chose it compatibly."""
+    cfg1, cfg2 = default_config(pairs, gu.num_experts, gu), default_config(pairs, dn.num_experts, dn)
+    if _one_launch_pair(cfg1, cfg2):
+        return cfg1, cfg2
+    return tuple(replace(c, one_launch=False) if isinstance(c, GemvConfig) else c for c in (cfg1, cfg2))
 
 
 def _gemm(
@@ -233,11 +259,7 @@ def _gemv(
     import triton
 
     split = cfg.split_k
-    if block.in_features % cfg.k_step:
-        raise ExqError(
-            f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
-            f"({cfg.k_step})"
-        )
+    _check_gemv_k(block, cfg)
     pairs = topk_ids.numel()
     top_k = topk_ids.shape[-1]
     n_out = block.out_features // 2 if gated else block.out_features
@@ -259,6 +281,61 @@ def _gemv(
     )  # fmt: skip
     if gated and split > 1:
         gemv_reduce_kernel[(pairs, triton.cdiv(n_out, 256))](ws, c, pairs, N=block.out_features, SPLIT=split, BN=256)
+
+
+def _check_gemv_k(block: KernelBlock, cfg: GemvConfig) -> None:
+    if block.in_features % cfg.k_step:
+        raise ExqError(
+            f"the GEMV path needs in_features ({block.in_features}) divisible by 128 x groups_per_step x split_k "
+            f"({cfg.k_step})"
+        )
+
+
+def _decode_one_launch(
+    hidden, inter, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlock, cfg1: GemvConfig, cfg2
+) -> torch.Tensor:
+    """Both GEMVs as one launch of work items (`moe_decode_kernel`); its counters live in a workspace that every
+    launch leaves zeroed."""
+    import triton
+
+    if not _one_launch_pair(cfg1, cfg2):
+        raise ExqError(
+            f"one_launch runs both projections in one kernel: it needs it set on both GEMV configs, split_k 1 and "
+            f"the same num_warps / num_stages, got {cfg1}, {cfg2}",
+            "set one_launch on both projections' configs with matching warps and stages, or on neither",
+        )
+    _check_gemv_k(gu, cfg1)
+    _check_gemv_k(dn, cfg2)
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    p = t * k
+    nt1 = triton.cdiv(dn.in_features, cfg1.block_n // 2)
+    nt2 = triton.cdiv(h, cfg2.block_n)
+    sync = gu.counters(1 + p + t * nt2)
+    ws = torch.empty(1, p, h, dtype=torch.float32, device=hidden.device)
+    final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    dt, magic, ptx = _dot_types(hidden)
+    slabs1, has1 = gu.launch_args
+    slabs2, has2 = dn.launch_args
+    flags = {"G_" + n[4:]: v for n, v in has1.items()} | {"D_" + n[4:]: v for n, v in has2.items()}
+    moe_decode_kernel[(p * (nt1 + nt2),)](
+        hidden, hidden.view(torch.int32), inter, inter.view(torch.int32), final, ws, sync[1 + p :], sync,
+        topk_weights, topk_ids.reshape(-1), gu.fmt_slot, *slabs1, dn.fmt_slot, *slabs2, gu.num_experts, p,
+        H=h, INTER=dn.in_features, A_BF16=hidden.dtype == torch.bfloat16, TOP_K=k, KP=triton.next_power_of_2(k),
+        **flags,
+        BN1=cfg1.block_n, GPS1=cfg1.groups_per_step, MMA1=cfg1.mma, ONE1=gu.one_format,
+        BN2=cfg2.block_n, GPS2=cfg2.groups_per_step, MMA2=cfg2.mma, ONE2=dn.one_format,
+        DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx,
+        num_warps=cfg1.num_warps, num_stages=cfg1.num_stages,
+    )  # fmt: skip
+    return final
+
+
+def _one_launch_pair(cfg1, cfg2) -> bool:
+    return all(isinstance(c, GemvConfig) and c.one_launch and c.split_k == 1 for c in (cfg1, cfg2)) and (
+        cfg1.num_warps,
+        cfg1.num_stages,
+    ) == (cfg2.num_warps, cfg2.num_stages)
 
 
 def fused_moe(
@@ -285,15 +362,18 @@ def fused_moe(
     p = t * k
     if isinstance(config, tuple) and len(config) == 2:
         cfg1, cfg2 = config
+    elif config is not None:
+        cfg1 = cfg2 = config
     else:
-        cfg1 = config or default_config(p, gu.num_experts, gu)
-        cfg2 = config or default_config(p, dn.num_experts, dn)
+        cfg1, cfg2 = default_configs(p, gu, dn)
     _check_config(cfg1)
     _check_config(cfg2)
     hidden = hidden.contiguous()
     topk_weights = topk_weights.reshape(-1).contiguous()
     dispatched: dict[int, object] = {}
     inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
+    if any(isinstance(c, GemvConfig) and c.one_launch for c in (cfg1, cfg2)):
+        return _decode_one_launch(hidden, inter, topk_weights, topk_ids, gu, dn, cfg1, cfg2)
     if isinstance(cfg2, GemvConfig):
         # down finishes the top-k sum itself (last program per token and column tile): two launches at decode
         nt = -(-h // cfg2.block_n)
@@ -376,7 +456,8 @@ def _check_config(cfg) -> None:
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
-        ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1 and isinstance(cfg.mma, bool)
+        ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1
+        ok = ok and isinstance(cfg.mma, bool) and isinstance(cfg.one_launch, bool)
     else:
         raise ExqError(f"config must be a GemmConfig, a GemvConfig or a (gate_up, down) pair, got {cfg!r}")
     if not ok or cfg.num_stages < 1:
