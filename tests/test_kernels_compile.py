@@ -58,7 +58,7 @@ import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from exq.kernels import moe_gemm
+from exq.kernels import moe_gemm, moe_gemv
 
 PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
@@ -91,14 +91,14 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
                       INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1,
                       FINISH_K=0, ZCH=0)
     elif kind == "decode":
-        fn = moe_gemm.moe_decode_kernel
+        fn = moe_gemv.moe_decode_kernel
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
                       BN2=bn, GPS2=1, MMA2=True, ONE2=-1)
         consts |= {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}
         consts |= MAGIC | flags
         flags = {}
     else:
-        fn = moe_gemm.moe_gemv_kernel
+        fn = moe_gemv.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
                       TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
     if kind != "decode":

@@ -18,7 +18,8 @@ from exq.formats import FORMATS
 from exq.kernels import configs
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting, next_pow2
-from exq.kernels.moe_gemm import gemv_reduce_kernel, moe_decode_kernel, moe_gemm_kernel, moe_gemv_kernel
+from exq.kernels.moe_gemm import moe_gemm_kernel
+from exq.kernels.moe_gemv import gemv_reduce_kernel, moe_decode_kernel, moe_gemv_kernel
 
 
 @dataclass
