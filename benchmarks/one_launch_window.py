@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from exq.bench import PLANS, SHAPES
+from exq.fileio import atomic_write_bytes
 
 TWO_GROUPS = dict(block_n=64, groups_per_step=2, num_warps=4, num_stages=3, mma=True)
 
@@ -65,9 +66,7 @@ def main() -> None:
         del mods
         torch.cuda.empty_cache()
     a.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(a.output)
+    atomic_write_bytes(a.output, json.dumps(rows, indent=1).encode())
 
 
 if __name__ == "__main__":

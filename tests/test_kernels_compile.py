@@ -94,15 +94,12 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         fn = moe_gemv.moe_decode_kernel
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
                       BN2=bn, GPS2=1, MMA2=True, ONE2=-1)
-        consts |= {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}
-        consts |= MAGIC | flags
-        flags = {}
+        has = {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}  # each projection's HAS_*
     else:
         fn = moe_gemv.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
                       TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
-    if kind != "decode":
-        consts |= MAGIC | FORMATS[fmts] | flags
+    consts |= MAGIC | (has if kind == "decode" else FORMATS[fmts]) | flags
     try:
         out[name] = "ok" if compile_sm90(fn, consts, warps).asm["cubin"] else "no cubin"
     except Exception as err:  # the compiler's message is the test's failure message

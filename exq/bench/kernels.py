@@ -238,12 +238,12 @@ def per_projection(best, best_us: float, candidates, time_us: Callable[[object],
 
 
 def _shares_launch(a, b) -> bool:
-    """Whether a and b can be the two projections' configs: one-launch GEMVs only pair with each other, at one
-    num_warps / num_stages (the kernel's)."""
+    """Whether a and b can be the two projections' configs: one-launch GEMVs only pair with each other, and only as
+    the kernel can run them (`one_launch_pair`)."""
+    from exq.kernels.moe_op import one_launch_pair
+
     one = getattr(a, "one_launch", False)
-    if one != getattr(b, "one_launch", False):
-        return False
-    return not one or (a.num_warps, a.num_stages) == (b.num_warps, b.num_stages)
+    return one == getattr(b, "one_launch", False) and (not one or one_launch_pair(a, b))
 
 
 def default_configs(plan: str, tokens: int, shape) -> tuple:

@@ -186,7 +186,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
 def default_configs(pairs: int, gu: KernelBlock, dn: KernelBlock) -> tuple[Config, Config]:
     """`default_config` for both projections of a layer; one launch only where both rules chose it compatibly."""
     cfg1, cfg2 = default_config(pairs, gu.num_experts, gu), default_config(pairs, dn.num_experts, dn)
-    if _one_launch_pair(cfg1, cfg2):
+    if one_launch_pair(cfg1, cfg2):
         return cfg1, cfg2
     return tuple(replace(c, one_launch=False) if isinstance(c, GemvConfig) else c for c in (cfg1, cfg2))
 
@@ -293,13 +293,13 @@ def _check_gemv_k(block: KernelBlock, cfg: GemvConfig) -> None:
 
 
 def _decode_one_launch(
-    hidden, inter, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlock, cfg1: GemvConfig, cfg2
+    hidden, inter, topk_weights, topk_ids, gu: KernelBlock, dn: KernelBlock, cfg1: Config, cfg2: Config
 ) -> torch.Tensor:
     """Both GEMVs as one launch of work items (`moe_decode_kernel`); its counters live in a workspace that every
     launch leaves zeroed."""
     import triton
 
-    if not _one_launch_pair(cfg1, cfg2):
+    if not one_launch_pair(cfg1, cfg2):
         raise ExqError(
             f"one_launch runs both projections in one kernel: it needs it set on both GEMV configs, split_k 1 and "
             f"the same num_warps / num_stages, got {cfg1}, {cfg2}",
@@ -332,11 +332,12 @@ def _decode_one_launch(
     return final
 
 
-def _one_launch_pair(cfg1, cfg2) -> bool:
-    return all(isinstance(c, GemvConfig) and c.one_launch and c.split_k == 1 for c in (cfg1, cfg2)) and (
-        cfg1.num_warps,
-        cfg1.num_stages,
-    ) == (cfg2.num_warps, cfg2.num_stages)
+def one_launch_pair(cfg1, cfg2) -> bool:
+    """Whether (gate_up, down) configs can run as one launch: both one-launch GEMVs without split K, at the kernel's
+    one num_warps / num_stages."""
+    if not all(isinstance(c, GemvConfig) and c.one_launch and c.split_k == 1 for c in (cfg1, cfg2)):
+        return False
+    return (cfg1.num_warps, cfg1.num_stages) == (cfg2.num_warps, cfg2.num_stages)
 
 
 def fused_moe(
