@@ -35,6 +35,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--output", type=Path, default=Path("runs/bench/one_launch_window.json"))
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("one_launch_window.py times CUDA kernels: run it on a machine with a GPU")
+    if min(a.tokens) < 1 or a.reps < 1:
+        raise SystemExit(f"--tokens and --reps must be at least 1, got {a.tokens} and {a.reps}")
     one_down = GemvConfig(64, 1, 4, 3, mma=True, one_launch=True)
     configs = {
         "two (64,2,4,3)": GemvConfig(**TWO_GROUPS),

@@ -557,6 +557,8 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=GemmConfig(16, 64, 256))
     with pytest.raises(ExqError, match="flags True / False"):
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
+    with pytest.raises(ExqError, match="cannot compile"):
+        fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, one_launch="yes"))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):
         fused_moe(x, w, ids, mod, config={"block_m": 16})
     with pytest.raises(ExqError, match="divisible by 128 x groups_per_step"):  # K = 128: no 2-group step
