@@ -10,8 +10,9 @@ the best swept one from `exq_sweep`), keyed by the layer class and the rows per 
 (uniform routing: E_active = E (1 - (1 - k/E)^T)). Files later on the command line override earlier ones for the
 same cell (newer kernels); files after --if-faster replace a cell only with a faster time (a targeted run that
 timed a few candidates must not replace a full sweep's better pick); experiment files stay out (their configs may
-no longer exist). Only the plans that are table classes (int4, mixed, bf16) make entries. --base starts from an
-existing table's cells (its sources are not re-read), so a targeted run can update a shipped table:
+no longer exist). Only the plans that are table classes (int4, mixed, bf16) make entries, each with its shape's sizes
+(pass D's lookup weighs them). --base starts from an existing table's cells (its sources are not re-read), so a
+targeted run can update a shipped table; a schema-1 base (entries without sizes) is upgraded on the way:
 
     python benchmarks/kernel_table.py --base exq/kernels/tuned/h100.json --if-faster docs/bench/NEW.json \
         --output exq/kernels/tuned/h100.json
@@ -28,6 +29,7 @@ from exq.errors import ExqError, FormatError
 from exq.fileio import atomic_write_bytes, read_json
 from exq.kernels.tuning import (
     CLASSES,
+    DIMS,
     TABLE_FORMAT,
     TABLE_SCHEMA,
     config_to_dict,
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--if-faster", nargs="+", type=Path, default=[], help="results that replace a cell only if faster")
     a = ap.parse_args()
-    if not a.results and not a.if_faster:
+    if not a.results and not a.if_faster and a.base is None:
         raise SystemExit("no benchmark results given: name `exq bench kernels` / kernel_sweep.py JSON files")
     try:
         build(a)
@@ -63,10 +65,28 @@ def _results(path: Path) -> dict:
     return r
 
 
+def _dims(shape: str) -> dict:
+    if shape not in SHAPES:
+        raise FormatError(f"shape {shape!r} is not one of exq bench's shapes ({', '.join(SHAPES)})")
+    return dict(zip(DIMS, SHAPES[shape], strict=True))
+
+
+def _upgraded(t: dict, path: Path) -> dict:
+    """A schema-1 table (entries without their layer's sizes) as schema 2: the sizes of the bench shape each
+    entry names."""
+    if isinstance(t, dict) and t.get("schema_version") == 1 and isinstance(t.get("entries"), list):
+        try:
+            entries = [e | {"dims": _dims(e["shape"])} for e in t["entries"]]
+        except (KeyError, TypeError) as err:
+            raise FormatError(f"{path}: an entry without its shape ({err})", "rebuild it from the results") from err
+        return t | {"schema_version": TABLE_SCHEMA, "entries": entries}
+    return t
+
+
 def build(a: argparse.Namespace) -> None:
     cells, gpu, sources = {}, None, []
     if a.base is not None:
-        base = validate_table(read_json(a.base, "kernel table"), str(a.base))
+        base = validate_table(_upgraded(read_json(a.base, "kernel table"), a.base), str(a.base))
         gpu, sources = base["gpu"], list(base["source"])
         cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
     for path in a.results + a.if_faster:
@@ -95,6 +115,7 @@ def build(a: argparse.Namespace) -> None:
                 "shape": row["shape"],
                 "tokens": row["tokens"],
                 "rows_per_expert": round(rows_per_active_expert(row["tokens"], e, k), 4),
+                "dims": _dims(row["shape"]),
                 "config": config_to_dict(cfg),
                 "us": round(us, 2),
             }

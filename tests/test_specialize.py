@@ -31,16 +31,93 @@ def test_skewed_routing_fills_experts_sooner():
     assert rows_per_active_expert(skewed, 8, 16) > rows_per_active_expert(uniform, 8, 16) > 1
 
 
+OLMOE = (64, 2048, 1024, 8)  # experts, hidden, intermediate, top_k
+QWEN3 = (128, 2048, 768, 8)
+
+
 def _table(*entries):
-    return {"entries": [{"class": c, "rows_per_expert": r, "config": config_to_dict(cfg)} for c, r, cfg in entries]}
+    """Entries (class, rows per expert, config[, dims, tokens]); dims default to OLMOE, tokens to 1."""
+    rows = []
+    for c, r, cfg, *rest in entries:
+        dims, tokens = rest if rest else (OLMOE, 1)
+        rows.append({"class": c, "rows_per_expert": r, "config": config_to_dict(cfg), "tokens": tokens,
+                     "dims": dict(zip(("experts", "hidden", "intermediate", "top_k"), dims, strict=True))})  # fmt: skip
+    return {"entries": rows}
 
 
 def test_choose_takes_the_nearest_entry_in_log_rows():
     t = _table(("int4", 1.0, GemvConfig(32, 1)), ("int4", 8.0, GemmConfig(16)), ("int4", 64.0, GemmConfig(64)))
-    assert choose(t, "int4", 1.2) == GemvConfig(32, 1)
-    assert choose(t, "int4", 3.0) == GemmConfig(16)  # log-nearer to 8 than to 1
-    assert choose(t, "int4", 500.0) == GemmConfig(64)
-    assert choose(t, "bf16", 3.0) is None
+    assert choose(t, "int4", 1.2, QWEN3, 1) == GemvConfig(32, 1)
+    assert choose(t, "int4", 3.0, QWEN3, 24) == GemmConfig(16)  # log-nearer to 8 than to 1
+    assert choose(t, "int4", 500.0, QWEN3, 4096) == GemmConfig(64)
+    assert choose(t, "bf16", 3.0, QWEN3, 24) is None
+
+
+def test_choose_breaks_ties_by_layer_sizes_then_pairs():
+    """Rows per active expert tie across shapes (every shape has 1.0 at T = 1; uniform routing gives 16 rows to
+    qwen3 at T = 256 and to Mixtral at T = 64): the entry measured on the layer's own sizes wins wherever it is
+    listed, then the one nearest in pairs; a nearer entry in rows still beats both (within 1 % counts as a tie)."""
+    mixtral = (8, 4096, 14336, 2)
+    t = _table(
+        ("int4", 1.0, GemvConfig(64, 1, mma=True), (64, 2048, 1408, 6), 1),
+        ("int4", 1.0, GemvConfig(64, 2, split_k=2), mixtral, 1),
+        ("int4", 1.0, GemvConfig(32, 4), OLMOE, 1),
+        ("int4", 16.0, GemmConfig(32, 128, 256), mixtral, 64),
+        ("int4", 16.0, GemmConfig(16, 128, 256), QWEN3, 256),
+    )
+    assert choose(t, "int4", 1.0, OLMOE, 1) == GemvConfig(32, 4)  # its own entry, listed last of the three
+    assert choose(t, "int4", 1.0, QWEN3, 1) == GemvConfig(32, 4)  # no own entry: olmoe's has its 8 pairs
+    assert choose(t, "int4", 1.0, (60, 2048, 1408, 4), 1) == GemvConfig(64, 1, mma=True)  # 4 pairs: 6 nearer than 8
+    assert choose(t, "int4", 1.0, (16, 1024, 512, 2), 1) == GemvConfig(64, 2, split_k=2)  # 2 pairs: Mixtral's
+    assert choose(t, "int4", 16.0, QWEN3, 256) == GemmConfig(16, 128, 256)
+    assert choose(t, "int4", 16.1, mixtral, 64) == GemmConfig(32, 128, 256)  # within 1 %: still a tie
+    assert choose(t, "int4", 1.1, OLMOE, 2) == GemvConfig(32, 4)  # not a tie with 16: nearest rows first
+    assert choose(t, "int4", 12.0, OLMOE, 100) == GemmConfig(16, 128, 256)  # 12 -> 16; 800 pairs: 2048 nearer than 128
+
+
+def test_tables_name_their_schema_and_layer_sizes(tmp_path):
+    """A table of the schema before layer sizes is refused with the command that upgrades it, which fills the
+    sizes from the bench shape each entry names; an entry with sizes missing or zero is a named error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from exq.errors import FormatError
+    from exq.kernels.tuning import TABLE_FORMAT, TABLE_SCHEMA, validate_table
+
+    entry = {"class": "int4", "shape": "qwen3-30b-a3b", "tokens": 1, "rows_per_expert": 1.0,
+             "config": config_to_dict(GemvConfig(32, 4)), "us": 20.0}  # fmt: skip
+    old = {"format": TABLE_FORMAT, "schema_version": 1, "gpu": "GPU X", "source": ["a.json"], "entries": [entry]}
+    with pytest.raises(FormatError, match="schema 1") as err:
+        validate_table(old, "old.json")
+    assert "kernel_table.py --base old.json" in str(err.value.hint)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_table.py"
+    subprocess.run([sys.executable, str(script), "--base", "old.json", "--output", "new.json"], cwd=tmp_path,
+                   check=True, capture_output=True)  # fmt: skip
+    new = validate_table(json.loads((tmp_path / "new.json").read_text()), "new.json")
+    assert new["schema_version"] == TABLE_SCHEMA and new["source"] == ["a.json"]
+    assert new["entries"][0]["dims"] == {"experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8}
+    assert choose(new, "int4", 1.0, QWEN3, 1) == GemvConfig(32, 4)
+    for bad in ({"experts": 128, "hidden": 2048}, {"experts": 0, "hidden": 2048, "intermediate": 768, "top_k": 8}):
+        with pytest.raises(FormatError, match="bad entry"):
+            validate_table(new | {"entries": [new["entries"][0] | {"dims": bad}]}, "new.json")
+    with pytest.raises(FormatError, match="missing a field"):
+        validate_table(new | {"entries": [{k: v for k, v in new["entries"][0].items() if k != "dims"}]}, "new.json")
+
+
+def test_shipped_tables_plan_each_cell_its_own_entry():
+    """Every packaged table's entry is what pass D plans for a layer of the shape and batch it was measured on
+    (uniform routing, as measured): before the tie rule, 10 of the H100 table's cells took another shape's."""
+    from exq.bench import SHAPES
+    from exq.kernels.tuning import config_from_dict
+
+    for table in packaged_tables().values():
+        for e in table["entries"]:
+            experts, hidden, inter, k = SHAPES[e["shape"]]
+            rows = rows_per_active_expert(np.full(experts, 1 / experts), k, e["tokens"])
+            planned = choose(table, e["class"], rows, (experts, hidden, inter, k), e["tokens"])
+            assert fit_config(planned, hidden, inter) == fit_config(config_from_dict(e["config"]), hidden, inter), e
 
 
 def test_configs_survive_tables_and_bench_records():
@@ -144,6 +221,9 @@ def test_a_planned_pair_reaches_the_op(monkeypatch):
     # down reduces over 768 = 6 groups: 2 per step, not 4; gate_up over 2048 keeps 4
     layer_plan = {"GPU X": plan["GPU X"][0]}  # what the loader keeps on each MoE layer
     assert planned_config(layer_plan, 1, torch.device("cuda")) == (GemvConfig(32, 4), GemvConfig(64, 2))
+    # a table without the layer's class plans nothing for it: the op's default rule, also for an empty entry
+    assert specialize(structure, [{"gate_up": ["bf16"], "down": ["bf16"]}], None, {"GPU X": table}) == {"GPU X": [None]}
+    assert planned_config({"GPU X": {"class": "int4", "configs": {}}}, 1, torch.device("cuda")) is None
 
 
 def test_runtime_module_runs_the_fused_op(tmp_path):
@@ -261,3 +341,27 @@ def test_kernel_table_names_a_bad_input_and_writes_nothing(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode != 0 and said in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert not out.exists()
+
+
+def test_pass_d_choice_script_compares_the_rules(monkeypatch):
+    """benchmarks/pass_d_choice.py: on the shipped H100 table the rule before v20 gave qwen3's int4 T = 256 cell
+    Mixtral's 32-row tile (both at 16 rows per expert) and every T = 1 cell DeepSeek's entry; pass D's rule gives
+    each its own entry, which is what the script times as `best`. Without a GPU it stops with a message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "pass_d_choice.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    import pass_d_choice
+
+    table = packaged_tables()["NVIDIA H100 80GB HBM3"]
+    qwen = pass_d_choice.picks(table, "qwen3-30b-a3b", "int4", 256)
+    assert qwen["planned"] == qwen["best"] == GemmConfig(16, 128, 256, 4, 3)
+    assert qwen["rows_only"] == GemmConfig(32, 128, 256, 4, 3)
+    olmoe = pass_d_choice.picks(table, "olmoe-1b-7b", "bf16", 1)
+    deepseek = pass_d_choice.picks(table, "deepseek-v2-lite", "bf16", 1)
+    assert olmoe["planned"] == olmoe["best"] != deepseek["best"] == olmoe["rows_only"]
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        assert run.returncode != 0 and "machine with a GPU" in run.stderr and "Traceback" not in run.stderr

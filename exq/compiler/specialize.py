@@ -64,12 +64,13 @@ def specialize(structure: dict, experts: list[dict], routing: list[list[float]] 
                 layers.append(None)
                 continue
             e, k = int(meta["num_experts"]), int(meta["top_k"])
+            dims = (e, int(meta["hidden_size"]), int(meta["intermediate_size"]), k)
             shares = np.asarray(routing[li]) if routing is not None else np.full(e, 1.0 / e)
             configs = {}
             for t in BATCH_SIZES:
-                cfg = choose(table, cls, rows_per_active_expert(shares, k, t))
+                cfg = choose(table, cls, rows_per_active_expert(shares, k, t), dims, t)
                 if cfg is not None:
                     configs[str(t)] = config_to_dict(fit_config(cfg, meta["hidden_size"], meta["intermediate_size"]))
-            layers.append({"class": cls, "configs": configs})
+            layers.append({"class": cls, "configs": configs} if configs else None)
         out[gpu] = layers
     return out

@@ -7,7 +7,13 @@ and the runtime uses what the plan stored.
 
 Key: the layer class (`int4` when every expert is int4/int4-asym, `bf16` when all are bf16, else `mixed`) and the
 expected rows per active expert, the quantity that decides between the GEMV path, small row blocks and large
-tensor-core tiles. Lookups take the entry nearest in log(rows).
+tensor-core tiles: a lookup (`choose`) takes the entry nearest in log(rows), whatever shape it was measured on. Rows
+tie across shapes (exactly at T = 1, and at 16 / 64 rows under uniform routing), and there the entry measured on a
+layer of the same sizes wins, then the one nearest in (token, slot) pairs. Measured (v20, H100,
+`benchmarks/pass_d_choice.py`, docs/bench/v20/pass_d_choice_h100.json): at the table's own cells the pick is now the
+measured best (with rows alone 10 of 68 cells took another shape's entry, up to 9 % slower); between them (T = 2, 8,
+32, 128, 512) it comes within 3.0 % of the fastest of seven rules in geometric mean, where rows alone gave 3.3 %,
+the same shape's nearest entry 8.5 % (its entries are 4x apart in T) and the op's default rule 3.6 %.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from exq.fileio import read_json
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 
 TABLE_FORMAT = "exq-kernel-table"
-TABLE_SCHEMA = 1
+TABLE_SCHEMA = 2  # 2: each entry records its layer's sizes (`DIMS`) and batch size
+DIMS = ("experts", "hidden", "intermediate", "top_k")
 TUNED_DIR = Path(__file__).parent / "tuned"
 CLASSES = ("int4", "mixed", "bf16")
 
@@ -100,11 +107,17 @@ def parse_bench_config(value) -> LayerConfig | None:
 
 
 def validate_table(t: dict, where: str) -> dict:
-    if t.get("format") != TABLE_FORMAT or t.get("schema_version") != TABLE_SCHEMA:
-        raise FormatError(f"{where} is not an exq kernel table of schema {TABLE_SCHEMA}")
+    if t.get("format") != TABLE_FORMAT:
+        raise FormatError(f"{where} is not an exq kernel table")
+    if t.get("schema_version") != TABLE_SCHEMA:
+        raise FormatError(
+            f"{where} is a kernel table of schema {t.get('schema_version')}, this exq reads schema {TABLE_SCHEMA}",
+            f"upgrade it: python benchmarks/kernel_table.py --base {where} --output {where}",
+        )
     try:
         for e in t["entries"]:
-            if e["class"] not in CLASSES or not float(e["rows_per_expert"]) > 0:
+            ok = e["class"] in CLASSES and float(e["rows_per_expert"]) > 0 and int(e["tokens"]) > 0
+            if not ok or sorted(e["dims"]) != sorted(DIMS) or min(int(v) for v in e["dims"].values()) < 1:
                 raise FormatError(f"{where}: bad entry {e}")
             config_from_dict(e["config"])
         str(t["gpu"])
@@ -123,9 +136,19 @@ def packaged_tables() -> dict[str, dict]:
     return out
 
 
-def choose(table: dict, cls: str, rows_per_expert: float) -> LayerConfig | None:
+def choose(table: dict, cls: str, rows_per_expert: float, dims: tuple[int, int, int, int], tokens: int):
+    """The config of the class's entry nearest in log rows per active expert (within 1 %: the entry of these layer
+    sizes (experts, hidden, intermediate, top_k) first, then the one nearest in pairs, tokens x top_k); None when
+    the class has no entry."""
     entries = [e for e in table["entries"] if e["class"] == cls]
     if not entries:
         return None
-    best = min(entries, key=lambda e: abs(math.log(float(e["rows_per_expert"])) - math.log(max(rows_per_expert, 1e-3))))
-    return config_from_dict(best["config"])
+    want = dict(zip(DIMS, dims, strict=True))
+    pairs = tokens * dims[3]
+
+    def distance(e: dict) -> tuple[float, bool, float]:
+        rows = abs(math.log(float(e["rows_per_expert"])) - math.log(max(rows_per_expert, 1e-3)))
+        other = {k: int(v) for k, v in e["dims"].items()} != want
+        return round(rows, 2), other, abs(math.log(int(e["tokens"]) * int(e["dims"]["top_k"]) / pairs))
+
+    return config_from_dict(min(entries, key=distance)["config"])

@@ -199,7 +199,7 @@ def planned_config(plan: dict, tokens: int, device: torch.device):
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     entry = plan.get(name) if name else None
-    if not entry:
+    if not entry or not entry.get("configs"):
         return None
     sizes = sorted(int(t) for t in entry["configs"])
     pick = next((t for t in sizes if t >= tokens), sizes[-1])
