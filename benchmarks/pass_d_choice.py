@@ -14,7 +14,9 @@ weights, median of the replays, best of two rounds in alternating order):
   weight; v20, not taken: up to 3.2x off on Mixtral);
 - `default_us`: the op's default rule (what a GPU without a table gets).
 
-Configs that coincide are timed once. Uniform routing, as the table's cells were measured.
+Configs that coincide are timed once. Uniform routing, as the table's cells were measured. Each row also names the
+fastest config it timed in the fields `exq bench kernels` results have (`exq_config` / `exq_us`, or the default
+rule's `exq_default_config`; `exq_sweep`), so `benchmarks/kernel_table.py --if-faster` can add the cells to a table.
 
     python benchmarks/pass_d_choice.py --shapes olmoe-1b-7b qwen3-30b-a3b deepseek-v2-lite mixtral-8x7b \
         --tokens 1 4 16 64 256 1024 --plans int4 mixed bf16 --output runs/bench/pass_d_choice.json
@@ -97,6 +99,19 @@ def picks(table: dict, name: str, plan: str, tokens: int) -> dict:
     return {key: None if c is None else fit_config(c, h, i) for key, c in out.items()}
 
 
+def table_fields(times: dict[str, float], plan: str, tokens: int, shape) -> dict:
+    """The fastest of the timed configs ({name or "default": us}) as a benchmark result records its best."""
+    from exq.bench.kernels import config_name, default_configs
+
+    fastest = min(times, key=times.__getitem__)
+    return {
+        "exq_us": times[fastest],
+        "exq_config": None if fastest == "default" else fastest,
+        "exq_default_config": [config_name(c) for c in default_configs(plan, tokens, shape)],
+        "exq_sweep": {name: us for name, us in times.items() if name != "default"},
+    }
+
+
 def main() -> None:
     import torch
 
@@ -150,6 +165,7 @@ def main() -> None:
                     cname = "default" if key == "default" else (None if c is None else config_name(c))
                     row[key + "_config"] = cname
                     row[key + "_us"] = None if cname is None else times[cname]
+                row |= table_fields(times, plan, t, (e, h, i, k))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             del mods
