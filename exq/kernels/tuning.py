@@ -136,10 +136,12 @@ def packaged_tables() -> dict[str, dict]:
     return out
 
 
-def choose(table: dict, cls: str, rows_per_expert: float, dims: tuple[int, int, int, int], tokens: int):
-    """The config of the class's entry nearest in log rows per active expert (within 1 %: the entry of these layer
-    sizes (experts, hidden, intermediate, top_k) first, then the one nearest in pairs, tokens x top_k); None when
-    the class has no entry."""
+def choose(
+    table: dict, cls: str, rows_per_expert: float, dims: tuple[int, int, int, int], tokens: int
+) -> LayerConfig | None:
+    """The config of the class's entry nearest in log rows per active expert, to two decimals (about 1 %); among
+    those, the entry of these layer sizes (experts, hidden, intermediate, top_k) first, then the one nearest in
+    pairs (tokens x top_k). None when the class has no entry."""
     entries = [e for e in table["entries"] if e["class"] == cls]
     if not entries:
         return None
