@@ -143,11 +143,12 @@ def main() -> None:
             mods = [random_experts(e, h, i, mixed_formats(e, PLANS[plan], seed=s), device="cuda", seed=s)
                     for s in range(8)]  # fmt: skip
             for t in a.tokens:
-                chosen = picks(tables[a.table], name, plan, t) | {"default": None}
+                chosen = picks(tables[a.table], name, plan, t)
+                named = {key: (config_name(c), c) for key, c in chosen.items() if c is not None}
+                named["default"] = ("default", None)  # config None: the op's default rule
+                distinct = dict(named.values())
                 x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
                 routes = [routing(t, e, k, seed=1000 * t + s) for s in range(8)]
-                distinct = {config_name(c) if c is not None else "default": c
-                            for key, c in chosen.items() if c is not None or key == "default"}  # fmt: skip
                 times: dict[str, float] = {}
                 for order in (list(distinct), list(distinct)[::-1]):  # two rounds, alternating order
                     for cname in order:
@@ -161,8 +162,8 @@ def main() -> None:
                 touched = sum(touched_bytes(m, r[1], h, i) for m, r in zip(mods, routes, strict=True)) / len(mods)
                 floor = 1e6 * touched / floors.copy_bytes_per_s
                 row = {"shape": name, "plan": plan, "tokens": t, "hbm_floor_us": floor}
-                for key, c in chosen.items():
-                    cname = "default" if key == "default" else (None if c is None else config_name(c))
+                for key in [*chosen, "default"]:
+                    cname = named[key][0] if key in named else None
                     row[key + "_config"] = cname
                     row[key + "_us"] = None if cname is None else times[cname]
                 row |= table_fields(times, plan, t, (e, h, i, k))

@@ -330,9 +330,13 @@ def test_kernel_table_names_a_bad_input_and_writes_nothing(tmp_path):
 
     script = Path(__file__).parents[1] / "benchmarks" / "kernel_table.py"
     (tmp_path / "bad.json").write_text(json.dumps({"rows": "not a list"}))
+    row = {"shape": "no-such-model", "plan": "int4", "tokens": 1, "exq_config": "GemvConfig(32, 4, 4, 2, 1, False)",
+           "exq_us": 20.0}  # fmt: skip
+    (tmp_path / "unknown.json").write_text(json.dumps({"device": "GPU X", "rows": [row]}))
     out = tmp_path / "t.json"
     for args, said in (
         (["bad.json"], "bad.json is not an `exq bench kernels` result"),
+        (["unknown.json"], "shape 'no-such-model' is not one of exq bench's shapes"),
         (["missing.json"], "missing.json does not exist"),
         (["--base", "bad.json", "--if-faster", "missing.json"], "bad.json is not an exq kernel table"),
         ([], "no benchmark results given"),
