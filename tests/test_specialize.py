@@ -333,10 +333,14 @@ def test_kernel_table_names_a_bad_input_and_writes_nothing(tmp_path):
     row = {"shape": "no-such-model", "plan": "int4", "tokens": 1, "exq_config": "GemvConfig(32, 4, 4, 2, 1, False)",
            "exq_us": 20.0}  # fmt: skip
     (tmp_path / "unknown.json").write_text(json.dumps({"device": "GPU X", "rows": [row]}))
+    shapeless = {"class": "int4", "tokens": 1, "rows_per_expert": 1.0, "config": {}, "us": 1.0}
+    old_table = {"format": "exq-kernel-table", "schema_version": 1, "gpu": "X", "source": [], "entries": [shapeless]}
+    (tmp_path / "shapeless.json").write_text(json.dumps(old_table))
     out = tmp_path / "t.json"
     for args, said in (
         (["bad.json"], "bad.json is not an `exq bench kernels` result"),
         (["unknown.json"], "shape 'no-such-model' is not one of exq bench's shapes"),
+        (["--base", "shapeless.json"], "shapeless.json: an entry without its shape"),
         (["missing.json"], "missing.json does not exist"),
         (["--base", "bad.json", "--if-faster", "missing.json"], "bad.json is not an exq kernel table"),
         ([], "no benchmark results given"),
@@ -369,3 +373,39 @@ def test_pass_d_choice_script_compares_the_rules(monkeypatch):
     if not torch.cuda.is_available():
         run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
         assert run.returncode != 0 and "machine with a GPU" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_pass_d_choice_rows_feed_the_table(tmp_path):
+    """pass_d_choice.py records a cell's fastest timed config as a benchmark result does: a named config, or the
+    default rule's two configs when it won; kernel_table.py turns either into the entry pass D then plans."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from exq.bench import SHAPES
+    from exq.kernels.tuning import config_from_dict
+
+    script = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(script))
+    try:
+        from pass_d_choice import table_fields
+    finally:
+        sys.path.remove(str(script))
+    tile = "GemmConfig(16, 128, 256, 4, 3, True, False)"
+    won = table_fields({tile: 50.0, "default": 55.0}, "int4", 4, SHAPES["olmoe-1b-7b"])
+    assert won["exq_config"] == tile and won["exq_us"] == 50.0 and won["exq_sweep"] == {tile: 50.0}
+    lost = table_fields({tile: 60.0, "default": 55.0}, "int4", 4, SHAPES["olmoe-1b-7b"])
+    assert lost["exq_config"] is None and lost["exq_us"] == 55.0 and len(lost["exq_default_config"]) == 2
+    rows = [{"shape": "olmoe-1b-7b", "plan": "int4", "tokens": 4} | won,
+            {"shape": "qwen3-30b-a3b", "plan": "int4", "tokens": 4} | lost]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps({"device": "GPU X", "rows": rows}))
+    subprocess.run([sys.executable, str(script / "kernel_table.py"), "r.json", "--output", "t.json"], cwd=tmp_path,
+                   check=True, capture_output=True)  # fmt: skip
+    entries = {e["shape"]: e for e in json.loads((tmp_path / "t.json").read_text())["entries"]}
+    assert config_from_dict(entries["olmoe-1b-7b"]["config"]) == GemmConfig(16, 128, 256, 4, 3, True)
+    from exq.bench.kernels import config_name
+
+    gu, dn = lost["exq_default_config"]
+    qwen = config_from_dict(entries["qwen3-30b-a3b"]["config"])
+    assert config_name(qwen) == (gu if gu == dn else f"{gu} + {dn}")
+    assert entries["qwen3-30b-a3b"]["us"] == 55.0
