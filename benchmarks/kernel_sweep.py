@@ -21,14 +21,29 @@ from exq.bench import PLANS, SHAPES, group_quantized
 from exq.kernels.configs import GemmConfig as G
 from exq.kernels.configs import GemvConfig
 
-MMA = [  # v18: (64, 2, 4, 3, 1), two groups per K step, mixed plan at T = 4
+MMA = [  # v18: (64, 2, 4, 3, 1), two groups per K step, mixed plan at T = 4; v21: deeper pipelines at T = 1
     GemvConfig(*c, mma=True)
-    for c in ((32, 1, 4, 4, 1), (64, 1, 4, 4, 1), (64, 1, 4, 3, 2), (128, 1, 4, 3, 1), (64, 2, 4, 3, 1))
+    for c in (
+        (32, 1, 4, 4, 1),
+        (64, 1, 4, 4, 1),
+        (64, 1, 4, 3, 2),
+        (128, 1, 4, 3, 1),
+        (64, 2, 4, 3, 1),
+        (64, 1, 4, 6, 1),
+        (64, 2, 4, 5, 1),
+    )
 ]
 # v19: both projections in one launch (mixed plan at T = 4: olmoe 60.4 vs 63.8 us, qwen3 50.4 vs 55.4)
 ONE_LAUNCH = [GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, mma=True, one_launch=True)]
-# group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us)
-CUDA_CORES = [GemvConfig(32, 4, 4, 2), GemvConfig(64, 2, 4, 2), GemvConfig(32, 2, 4, 2), GemvConfig(32, 4, 4, 3)]
+# group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us); v21: whole-K steps
+# (16 groups, one load burst per program) for Mixtral's down at T = 1
+CUDA_CORES = [
+    GemvConfig(32, 4, 4, 2),
+    GemvConfig(64, 2, 4, 2),
+    GemvConfig(32, 2, 4, 2),
+    GemvConfig(32, 4, 4, 3),
+    GemvConfig(16, 16, 4, 1),
+]
 
 
 def _inline(c: G) -> G:

@@ -107,6 +107,8 @@ def routing(tokens, experts, k, seed, hidden, dtype):
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2)),  # the decode path, every format
         (ALL, torch.float16, 2, (GemvConfig(64, 2, 4, 2), GemvConfig(64, 1, 4, 2))),  # K steps of 2 groups
         (ALL, torch.bfloat16, 3, (GemvConfig(32, 1, 4, 2, split_k=2), GemvConfig(32, 1, 4, 2))),  # split gate_up
+        # whole-K steps in 16-column tiles (v21: Mixtral's down at T = 1), one format at slot = id
+        ({"int4": 1.0}, torch.bfloat16, 1, (GemvConfig(16, 2, 4, 1), GemvConfig(16, 1, 4, 1))),
         # the tensor-core GEMV: a 16-row tile holding one pair's row, every format, split K on both projections
         (ALL, torch.bfloat16, 3, GemvConfig(32, 1, 4, 2, mma=True)),
         (ALL, torch.float16, 5, (GemvConfig(64, 1, 4, 2, split_k=2, mma=True), GemvConfig(32, 1, 4, 2, mma=True))),

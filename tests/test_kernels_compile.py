@@ -20,6 +20,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, one format at slot id": ("gemm", 16, 128, 256, 4, "int4", {"ROUTE_PP": 512, "ONE_FORMAT": 2}),
     "prefill tile, one format at slot id": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ONE_FORMAT": 2}),
     "CUDA-core GEMV, one format at slot id": ("gemv", 0, 64, 128, 4, "int4", {"MMA": False, "GPS": 2, "ONE_FORMAT": 2}),
+    "CUDA-core GEMV, whole-K step": ("gemv", 0, 16, 2048, 4, "int4", {"MMA": False, "GPS": 16, "ONE_FORMAT": 2}),
     "decode tile, every format, grouped row blocks": ("gemm", 16, 64, 128, 4, "all", {"GROUP": 8}),
     "32-row tile, every format, inline dispatch": ("gemm", 32, 128, 128, 4, "all", {"ROUTE_PP": 1024}),
     "decode tile, two groups per K iteration": ("gemm", 16, 128, 256, 4, "all", {"ROUTE_PP": 512}),
