@@ -33,8 +33,13 @@ MMA = [  # v18: (64, 2, 4, 3, 1), two groups per K step, mixed plan at T = 4; v2
         (64, 2, 4, 5, 1),
     )
 ]
-# v19: both projections in one launch (mixed plan at T = 4: olmoe 60.4 vs 63.8 us, qwen3 50.4 vs 55.4)
-ONE_LAUNCH = [GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, mma=True, one_launch=True)]
+# v19: both projections in one launch (mixed plan at T = 4: olmoe 60.4 vs 63.8 us, qwen3 50.4 vs 55.4); v21: down
+# in 128-column items (qwen3 mixed T = 4 49.9 vs 51.7 us)
+ONE_LAUNCH = [
+    GemvConfig(64, 2, 4, 3, mma=True, one_launch=True),
+    GemvConfig(64, 1, 4, 3, mma=True, one_launch=True),
+    (GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(128, 1, 4, 3, mma=True, one_launch=True)),
+]
 # group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us); v21: whole-K steps
 # (16 groups, one load burst per program) for Mixtral's down at T = 1
 CUDA_CORES = [
