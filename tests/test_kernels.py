@@ -668,6 +668,40 @@ def test_bench_candidates_are_valid_and_cover_each_tile_kind():
                 assert any(isinstance(c, GemmConfig) and c.inline_dispatch and c.block_m == 16 for c in cands)
 
 
+def test_kernel_sweep_candidates_are_valid_for_every_shape():
+    """benchmarks/kernel_sweep.py's candidate lists (single configs and (gate_up, down) pairs), fitted to each bench
+    shape, pass the op's validation; a one-launch candidate stays a pair the kernel can run as one launch."""
+    import importlib.util
+    from pathlib import Path
+
+    from exq.bench import PLANS, SHAPES
+    from exq.kernels.moe_op import _check_config, one_launch_pair
+
+    spec = importlib.util.spec_from_file_location(
+        "kernel_sweep", Path(__file__).parents[1] / "benchmarks/kernel_sweep.py"
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    pick = sweep.candidates(None)
+    pairs_seen = 0
+    for shape in SHAPES.values():
+        _, h, i, _ = shape
+        for plan in PLANS:
+            for t in (1, 4, 16, 64, 256, 1024, 4096):
+                cands = pick(plan, t, shape)
+                assert cands and len(set(cands)) == len(cands)
+                for c in cands:
+                    parts = c if isinstance(c, tuple) else (c, c)
+                    for part, k_in in zip(parts, (h, i), strict=True):
+                        _check_config(part)
+                        if isinstance(part, GemvConfig):
+                            assert k_in % part.k_step == 0, (c, k_in)
+                    if any(getattr(p, "one_launch", False) for p in parts):
+                        assert one_launch_pair(*parts), c
+                    pairs_seen += isinstance(c, tuple)
+    assert pairs_seen  # the per-projection pairs (e.g. one launch with 128-column down items) are among them
+
+
 def test_bench_refines_decode_configs_per_projection():
     """The sweep's decode refinement: each GEMV candidate for one projection against the best on the other, then the
     pair of the two winners (a made-up timer whose best gate_up and down tiles differ)."""
