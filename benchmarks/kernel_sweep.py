@@ -34,11 +34,14 @@ MMA = [  # v18: (64, 2, 4, 3, 1), two groups per K step, mixed plan at T = 4; v2
     )
 ]
 # v19: both projections in one launch (mixed plan at T = 4: olmoe 60.4 vs 63.8 us, qwen3 50.4 vs 55.4); v21: down
-# in 128-column items (qwen3 mixed T = 4 49.9 vs 51.7 us)
+# in 128-column items (qwen3 mixed T = 4 49.9 vs 51.7 us); v22: wider items for int4 at T = 4 (olmoe 47.7 / qwen3
+# 39.0 vs 49.7 / 41.2 us, docs/bench/v22/one_launch_pairs_h100.json)
 ONE_LAUNCH = [
     GemvConfig(64, 2, 4, 3, mma=True, one_launch=True),
     GemvConfig(64, 1, 4, 3, mma=True, one_launch=True),
     (GemvConfig(64, 2, 4, 3, mma=True, one_launch=True), GemvConfig(128, 1, 4, 3, mma=True, one_launch=True)),
+    (GemvConfig(128, 2, 4, 3, mma=True, one_launch=True), GemvConfig(128, 1, 4, 3, mma=True, one_launch=True)),
+    (GemvConfig(64, 4, 4, 3, mma=True, one_launch=True), GemvConfig(128, 2, 4, 3, mma=True, one_launch=True)),
 ]
 # group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us); v21: whole-K steps
 # (16 groups, one load burst per program) for Mixtral's down at T = 1
@@ -48,6 +51,9 @@ CUDA_CORES = [
     GemvConfig(32, 2, 4, 2),
     GemvConfig(32, 4, 4, 3),
     GemvConfig(16, 16, 4, 1),
+    # v22: one launch with the items in grid order, CUDA cores on gate_up (paired with the tensor-core one-launch
+    # configs per projection)
+    GemvConfig(32, 4, 4, 3, one_launch=True),
 ]
 
 

@@ -389,7 +389,7 @@ def test_expert_parallel_ids_contribute_nothing():
 
 @pytest.mark.parametrize("mma", [False, True])
 def test_one_launch_leaves_its_counters_zeroed(mma):
-    """The one-launch decode kernel's counters (tickets, a count per pair, a count per token and column tile) are
+    """The one-launch decode kernel's counters (a count per pair, a count per token and column tile) are
     all set back to zero by their last user, so launch after launch runs without a memset; ids of other ranks
     still count (their down items must not wait forever) and contribute nothing."""
     from exq.kernels.moe_op import kernel_blocks
@@ -406,7 +406,7 @@ def test_one_launch_leaves_its_counters_zeroed(mma):
         keep = [0, 2]
         assert rel_err(out, reference(x, w[:, keep], ids[:, keep], mod)) < 1e-2
         counters = kernel_blocks(mod)[0]._counters
-        assert len(counters) == 1 and counters[0].numel() >= 1 + tokens * k + tokens * hidden // 32
+        assert len(counters) == 1 and counters[0].numel() >= tokens * k + tokens * hidden // 32
         assert not counters[0].any()
 
 
@@ -425,19 +425,24 @@ def test_one_launch_needs_both_projections():
             fused_moe(x, w, ids, mod, config=pair)
     with pytest.raises(ExqError, match="one_launch"):
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, 4, 2, split_k=2, one_launch=True))
-    # the default rule asks for one launch on layers of mixed formats at 17-32 pairs (v19; from 16 pairs two groups
-    # per K step), and only where both projections' rules agree: a down K of 384 (not a multiple of 256) takes
-    # another config
+    # the default rule asks for one launch on layers with int4 experts at 16-32 pairs (v22; v19 from 17, mixed
+    # formats only), K steps of two groups where K allows (a down K of 384 takes one); two launches around it and
+    # on layers with int3 experts (both projections' rules must agree)
     plan = random_experts(128, 256, 256, mixed_formats(128, PLAN_V18), device=DEVICE)
     blocks = kernel_blocks(plan)
     two_groups = GemvConfig(64, 2, 4, 3, mma=True)
-    assert default_configs(24, *blocks) == (replace(two_groups, one_launch=True),) * 2
-    assert default_configs(32, *blocks)[0].one_launch
-    assert default_configs(16, *blocks) == (two_groups,) * 2  # 16 = E / 8 pairs: two groups, two launches
+    one = replace(two_groups, one_launch=True)
+    for pairs in (16, 24, 32):
+        assert default_configs(pairs, *blocks) == (one, one)
     assert default_configs(48, *blocks) == (two_groups,) * 2
     assert default_configs(8, *blocks) == (GemvConfig(64, 1, 4, 4, mma=True),) * 2
     odd = random_experts(64, 256, 384, mixed_formats(64, PLAN_V18), device=DEVICE)
-    assert not any(c.one_launch for c in default_configs(24, *kernel_blocks(odd)))
+    assert default_configs(24, *kernel_blocks(odd)) == (one, replace(one, groups_per_step=1))
+    int4 = random_experts(128, 256, 256, mixed_formats(128, {"int4": 1.0}), device=DEVICE)
+    assert default_configs(16, *kernel_blocks(int4)) == (one, one)
+    assert not default_configs(8, *kernel_blocks(int4))[0].one_launch
+    int3 = random_experts(64, 256, 256, mixed_formats(64, {"int3": 0.5, "int4": 0.5}), device=DEVICE)
+    assert not any(c.one_launch for c in default_configs(24, *kernel_blocks(int3)))
     x, w, ids = routing(12, 128, 2, 5, 256, torch.bfloat16)
     assert rel_err(fused_moe(x, w, ids, plan), reference(x, w, ids, plan)) < 1e-2
 

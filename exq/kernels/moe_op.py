@@ -138,7 +138,14 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # 150.1 us), so the GEMV up to E / 2 pairs; layers of few experts (Mixtral: 8) keep it up to E pairs (T = 4)
     int4_only = block.present <= {"int4", "int4-asym"}
     k256 = block.in_features % 256 == 0
+    int3 = block.present & {"int3", "int3-asym"}
     if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
+        if 16 <= pairs <= 32 and block.present & {"int4", "int4-asym"} and not int3:
+            # v22 (H100, items in grid order): both projections in one launch for 16-32 pairs, int4-only layers
+            # too, K steps of two groups where K allows (DeepSeek's down, 11 groups: one): int4 T = 3 / 4 qwen3
+            # 35.3 / 43.6 vs 41.9 / 47.9 us (the CUDA-core GEMV in two launches), olmoe 40.9 / 53.3 vs 48.4 / 54.7;
+            # mixed T = 2 qwen3 30.7 vs 33.0, olmoe 35.5 vs 39.2 (docs/bench/kernels_h100_v22_decode-*)
+            return GemvConfig(64, 2 if k256 else 1, 4, 3, mma=True, one_launch=True)
         if int4_only:
             # v13 (H100, int4, T = 1 / 4): a pair or less per 8 experts takes longer K steps in narrower tiles
             # (olmoe T = 1 21.6 vs 26.4 us); K not a multiple of 256 goes to tensor cores (DeepSeek's 1408:
@@ -147,7 +154,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
                 return GemvConfig(32, 4, 4, 2)
             if block.in_features % 256 == 0:
                 return GemvConfig(64, 2, 4, 2)
-        if block.present & {"int3", "int3-asym"} and block.in_features % 256 == 0:
+        if int3 and block.in_features % 256 == 0:
             # v15 (H100): int3 experts take longer per K step; K cut in two doubles the programs: olmoe / qwen3
             # T = 1 all-int3 41.5 / 35.7 vs 53.8 / 50.6 us, with 30 % int3 among other formats 46.3 / 40.8 vs
             # 62.8 / 58.0; T = 4 5-15 % (the 8 cells of docs/bench/v15/int3_hybrid_sweep_h100.log)
@@ -156,10 +163,9 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             # v18 (H100, mixed plan, T = 4): two groups per K step, int4 experts streaming 256 inputs per pipelined
             # step (bf16 / int8 experts keep 128): olmoe 63.6 vs 67.5 us, qwen3 55.5 vs 57.8; at a pair or less per
             # 8 experts (T = 1) one group stays faster (qwen3 22.7 vs 23.3), below 16 pairs (qwen3 T = 2: 33.0 vs
-            # 36.1, v19). v19: both projections in one launch for 17-32 pairs (olmoe / qwen3 T = 3: 50.2 / 44.8 vs
-            # 56.2 / 50.0 us, T = 4: 61.0 / 53.3 vs 64.2 / 56.2); a tie at 16, slower from 48 (qwen3 T = 6 / 8:
-            # 77.7 / 99.7 vs 75.8 / 92.0) and at T = 1 (docs/bench/v19/one_launch_threshold.json)
-            return GemvConfig(64, 2, 4, 3, mma=True, one_launch=16 < pairs <= 32)
+            # 36.1, v19). v19: one launch is slower from 48 pairs (qwen3 T = 6 / 8: 77.7 / 99.7 vs 75.8 / 92.0) and
+            # at T = 1 (docs/bench/v19/one_launch_threshold.json)
+            return GemvConfig(64, 2, 4, 3, mma=True)
         return GemvConfig(64, 1, 4, 4, mma=True)
     # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
@@ -312,7 +318,7 @@ def _decode_one_launch(
     p = t * k
     nt1 = triton.cdiv(dn.in_features, cfg1.block_n // 2)
     nt2 = triton.cdiv(h, cfg2.block_n)
-    sync = gu.counters(1 + p + t * nt2)
+    sync = gu.counters(p + t * nt2)
     ws = torch.empty(1, p, h, dtype=torch.float32, device=hidden.device)
     final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
     dt, magic, ptx = _dot_types(hidden)
@@ -320,7 +326,7 @@ def _decode_one_launch(
     slabs2, has2 = dn.launch_args
     flags = {"G_" + n[4:]: v for n, v in has1.items()} | {"D_" + n[4:]: v for n, v in has2.items()}
     moe_decode_kernel[(p * (nt1 + nt2),)](
-        hidden, hidden.view(torch.int32), inter, inter.view(torch.int32), final, ws, sync[1 + p :], sync,
+        hidden, hidden.view(torch.int32), inter, inter.view(torch.int32), final, ws, sync[p:], sync,
         topk_weights, topk_ids.reshape(-1), gu.fmt_slot, *slabs1, dn.fmt_slot, *slabs2, gu.num_experts, p,
         H=h, INTER=dn.in_features, A_BF16=hidden.dtype == torch.bfloat16, TOP_K=k, KP=triton.next_power_of_2(k),
         **flags,
