@@ -271,7 +271,7 @@ def moe_decode_kernel(
     BN1: tl.constexpr, GPS1: tl.constexpr, MMA1: tl.constexpr, ONE1: tl.constexpr,
     BN2: tl.constexpr, GPS2: tl.constexpr, MMA2: tl.constexpr, ONE2: tl.constexpr,
     DT: tl.constexpr = tl.bfloat16, MAGIC_BITS: tl.constexpr = 0, MAGIC_BASE: tl.constexpr = 0,
-    PTX: tl.constexpr = False,
+    PTX: tl.constexpr = False, TICKET: tl.constexpr = False,
 ):  # fmt: skip
     """Both decode projections in one launch: the gate_up GEMV's programs, then the down GEMV's, as work items.
 
@@ -288,10 +288,15 @@ def moe_decode_kernel(
     Measured (v19, H100, mixed plan): 5-11 % faster than two launches at 24-32 pairs, where the grid is a few waves
     deep; slower at T = 1 (every item resident at once, half of them waiting) and from 48 pairs. v22: programs took
     their role from an atomic ticket (start order) until then; the grid order was faster in 102 of 105 configs at
-    T = 1-8, by up to 12.5 µs per layer (one hot atomic word less per program)."""
+    T = 1-8, by up to 12.5 µs per layer (one hot atomic word less per program). TICKET keeps the ticket (in
+    sync_ptr[P], reset by the program that draws the last one) for GPUs that do not promise that order."""
     NT1: tl.constexpr = (INTER + BN1 // 2 - 1) // (BN1 // 2)
     NT2: tl.constexpr = (H + BN2 - 1) // BN2
     item = tl.program_id(0)
+    if TICKET:
+        item = tl.atomic_add(sync_ptr + P, 1, sem="relaxed", scope="gpu")
+        if item == P * (NT1 + NT2) - 1:
+            tl.store(sync_ptr + P, 0)  # the last ticket: every program has drawn its own
     if item < P * NT1:
         p = item // NT1
         _gemv_program(a_ptr, a32_ptr, mid_ptr, mid_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fs1,

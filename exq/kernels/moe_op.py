@@ -318,7 +318,7 @@ def _decode_one_launch(
     p = t * k
     nt1 = triton.cdiv(dn.in_features, cfg1.block_n // 2)
     nt2 = triton.cdiv(h, cfg2.block_n)
-    sync = gu.counters(p + t * nt2)
+    sync = gu.counters(p + 1 + t * nt2)
     ws = torch.empty(1, p, h, dtype=torch.float32, device=hidden.device)
     final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
     dt, magic, ptx = _dot_types(hidden)
@@ -326,16 +326,23 @@ def _decode_one_launch(
     slabs2, has2 = dn.launch_args
     flags = {"G_" + n[4:]: v for n, v in has1.items()} | {"D_" + n[4:]: v for n, v in has2.items()}
     moe_decode_kernel[(p * (nt1 + nt2),)](
-        hidden, hidden.view(torch.int32), inter, inter.view(torch.int32), final, ws, sync[p:], sync,
+        hidden, hidden.view(torch.int32), inter, inter.view(torch.int32), final, ws, sync[p + 1 :], sync,
         topk_weights, topk_ids.reshape(-1), gu.fmt_slot, *slabs1, dn.fmt_slot, *slabs2, gu.num_experts, p,
         H=h, INTER=dn.in_features, A_BF16=hidden.dtype == torch.bfloat16, TOP_K=k, KP=triton.next_power_of_2(k),
         **flags,
         BN1=cfg1.block_n, GPS1=cfg1.groups_per_step, MMA1=cfg1.mma, ONE1=gu.one_format,
         BN2=cfg2.block_n, GPS2=cfg2.groups_per_step, MMA2=cfg2.mma, ONE2=dn.one_format,
-        DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx,
+        DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx, TICKET=not grid_order_dispatch(),
         num_warps=cfg1.num_warps, num_stages=cfg1.num_stages,
     )  # fmt: skip
     return final
+
+
+def grid_order_dispatch() -> bool:
+    """Whether the one-launch decode may take its work items in grid order, i.e. blocks of a 1-D grid start in
+    increasing order: NVIDIA GPUs (CUB's single-pass scan relies on it) and the interpreter (sequential); elsewhere
+    the kernel draws an atomic ticket per program instead."""
+    return torch.version.hip is None
 
 
 def one_launch_pair(cfg1, cfg2) -> bool:
