@@ -66,6 +66,7 @@ def _fold(c: G) -> G:
 
 
 TWO_GROUPS = [G(16, 128, 256, 4, 3), _inline(G(16, 128, 256, 4, 3))]  # v14: int4 decode tiles, K % 256 == 0
+DECODE_TILES = [*TWO_GROUPS, G(16, 64, 128, 4, 4), _inline(G(16, 64, 128, 4, 4))]
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
     16: [G(16, 128, 128, 4, 3), G(16, 64, 128, 4, 4), _inline(G(16, 128, 128, 4, 3)), _inline(G(16, 64, 128, 4, 4)),
          MMA[3], MMA[2], _inline(G(16, 128, 128, 4, 4)), *TWO_GROUPS],
@@ -97,7 +98,9 @@ def candidates(table: dict | None):
             out += [config_from_dict(e["config"]) for e in table["entries"]
                     if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
         near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
-        decode = MMA + ONE_LAUNCH + (CUDA_CORES if group_quantized(plan) else [])
+        # v22: tensor-core row blocks at decode sizes too; experts too big for L2 shared by several pairs (Mixtral at
+        # T = 4) are read once per row block there, once per pair by the GEMVs
+        decode = MMA + ONE_LAUNCH + (CUDA_CORES if group_quantized(plan) else []) + DECODE_TILES
         out += decode if tokens <= 4 else BY_TOKENS[near]
         if plan == "bf16":  # no int4 scales to fold: the same kernel
             out = [replace(c, fold_scales=False) if isinstance(c, G) else c for c in out]

@@ -416,7 +416,7 @@ def test_one_launch_leaves_its_counters_zeroed(mma, grid_order, monkeypatch):
 
 
 def test_one_launch_needs_both_projections():
-    from exq.kernels.moe_op import default_configs, kernel_blocks
+    from exq.kernels.moe_op import KernelBlock, default_configs, kernel_blocks
 
     mod = random_experts(8, 256, 128, ["int4"] * 8, device=DEVICE)
     x, w, ids = routing(2, 8, 2, 0, 256, torch.bfloat16)
@@ -448,6 +448,16 @@ def test_one_launch_needs_both_projections():
     assert not default_configs(8, *kernel_blocks(int4))[0].one_launch
     int3 = random_experts(64, 256, 256, mixed_formats(64, {"int3": 0.5, "int4": 0.5}), device=DEVICE)
     assert not any(c.one_launch for c in default_configs(24, *kernel_blocks(int3)))
+    # experts too big for L2 (Mixtral's shape, sizes only): the GEMVs below a pair per expert, row blocks from there
+    # (they read a shared expert once, the GEMVs once per pair)
+    ids = torch.zeros(8, dtype=torch.int32)
+    big = (
+        KernelBlock(2 * 14336, 4096, ids, {}, frozenset({"int4"})),
+        KernelBlock(4096, 14336, ids, {}, frozenset({"int4"})),
+    )
+    assert big[0].outgrows_l2 and big[1].outgrows_l2
+    assert all(isinstance(c, GemvConfig) for c in default_configs(4, *big))
+    assert all(isinstance(c, GemmConfig) and c.block_m == 16 for c in default_configs(8, *big))
     x, w, ids = routing(12, 128, 2, 5, 256, torch.bfloat16)
     assert rel_err(fused_moe(x, w, ids, plan), reference(x, w, ids, plan)) < 1e-2
 

@@ -139,7 +139,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     int4_only = block.present <= {"int4", "int4-asym"}
     k256 = block.in_features % 256 == 0
     int3 = block.present & {"int3", "int3-asym"}
-    if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0:
+    # v22 (H100, Mixtral T = 4: 8 pairs on 8 experts of 29-88 MB): the GEMVs read an expert once per pair, from HBM
+    # again when it does not stay in L2; the 16-row tile reads it once per row block: 225.6 / 314.0 vs 284.6 / 345.7 us
+    # (int4 / mixed; docs/bench/kernels_h100_v22_mixtral-decode.json), so the GEMVs only below a pair per expert there
+    shared_big = block.outgrows_l2 and pairs >= num_experts
+    if pairs <= max(num_experts // 2, min(num_experts, 16)) and block.in_features % 128 == 0 and not shared_big:
         if 16 <= pairs <= 32 and block.present & {"int4", "int4-asym"} and not int3:
             # v22 (H100, items in grid order): both projections in one launch for 16-32 pairs, int4-only layers
             # too, K steps of two groups where K allows (DeepSeek's down, 11 groups: one): int4 T = 3 / 4 qwen3
