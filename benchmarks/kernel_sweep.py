@@ -43,6 +43,12 @@ ONE_LAUNCH = [
     (GemvConfig(128, 2, 4, 3, mma=True, one_launch=True), GemvConfig(128, 1, 4, 3, mma=True, one_launch=True)),
     (GemvConfig(64, 4, 4, 3, mma=True, one_launch=True), GemvConfig(128, 2, 4, 3, mma=True, one_launch=True)),
 ]
+# v22: the same with the pairs' items in expert order (DeepSeek mixed T = 4 64.5 vs 68.1 us; qwen3 up to 3 us slower,
+# docs/bench/v22/one_launch_expert_order_h100.json)
+ONE_LAUNCH += [
+    tuple(replace(c, expert_order=True) for c in p) if isinstance(p, tuple) else replace(p, expert_order=True)
+    for p in ONE_LAUNCH
+]
 # group-quantized layers only; v15: 3 stages on gate_up at T = 1 (olmoe 21.5, qwen3 19.0 us); v21: whole-K steps
 # (16 groups, one load burst per program) for Mixtral's down at T = 1
 CUDA_CORES = [

@@ -128,6 +128,8 @@ def routing(tokens, experts, k, seed, hidden, dtype):
             1,
             (GemvConfig(32, 2, 4, 3, mma=True, one_launch=True), GemvConfig(64, 1, 4, 3, one_launch=True)),
         ),
+        # one launch with the pairs' items in expert order (a rank per program)
+        (ALL, torch.bfloat16, 5, GemvConfig(32, 1, 4, 2, one_launch=True, expert_order=True)),
         # int3 (8 codes in 3 bytes): GEMV steps of 2 groups; layers of int3 only take the byte-gather tile up to 32
         # rows (folded scales too) and the word tile beyond, layers with other formats the word tile everywhere
         ({"int3": 0.5, "int4": 0.5}, torch.float16, 3, (GemvConfig(32, 2, 4, 2), GemvConfig(64, 1, 4, 2))),
@@ -401,7 +403,8 @@ def test_one_launch_leaves_its_counters_zeroed(mma, grid_order, monkeypatch):
 
     experts, hidden, inter, k = 8, 256, 128, 3
     mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=4), device=DEVICE, seed=4)
-    cfg = GemvConfig(32, 1, 4, 2, mma=mma, one_launch=True)
+    # the ticket runs with the pairs in expert order (ids of other ranks ranked too)
+    cfg = GemvConfig(32, 1, 4, 2, mma=mma, one_launch=True, expert_order=not grid_order)
     for tokens, seed in ((3, 40), (1, 41), (6, 42)):
         x, w, ids = routing(tokens, experts, k, seed, hidden, torch.bfloat16)
         assert rel_err(fused_moe(x, w, ids, mod, config=cfg), reference(x, w, ids, mod)) < 1e-2
@@ -430,6 +433,10 @@ def test_one_launch_needs_both_projections():
             fused_moe(x, w, ids, mod, config=pair)
     with pytest.raises(ExqError, match="one_launch"):
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, 4, 2, split_k=2, one_launch=True))
+    with pytest.raises(ExqError, match="one_launch"):  # one item order for the whole launch
+        fused_moe(x, w, ids, mod, config=(one, replace(one, expert_order=True)))
+    with pytest.raises(ExqError, match="cannot compile"):  # an item order needs the one launch
+        fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, 4, 2, expert_order=True))
     # the default rule asks for one launch on layers with int4 experts at 16-32 pairs (v22; v19 from 17, mixed
     # formats only), K steps of two groups where K allows (a down K of 384 takes one); two launches around it and
     # on layers with int3 experts (both projections' rules must agree)

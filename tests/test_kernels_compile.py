@@ -31,6 +31,7 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "one-launch decode, every format": ("decode", 0, 64, 256, 4, "all", {}),
     "one-launch decode, CUDA cores, int4": ("decode", 0, 32, 512, 4, "int4", {"MMA1": False, "MMA2": False}),
     "one-launch decode, items by atomic ticket": ("decode", 0, 64, 256, 4, "all", {"TICKET": True}),
+    "one-launch decode, pairs in expert order": ("decode", 0, 64, 256, 4, "int4", {"SORT_PP": 32}),
     "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
     "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),
     "prefill tile, int3-only layer (words)": ("gemm", 128, 128, 64, 8, "int3", {"FOLD": True}),
@@ -95,7 +96,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     elif kind == "decode":
         fn = moe_gemv.moe_decode_kernel
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
-                      BN2=bn, GPS2=1, MMA2=True, ONE2=-1, TICKET=False)
+                      BN2=bn, GPS2=1, MMA2=True, ONE2=-1, TICKET=False, SORT_PP=0)
         has = {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}  # each projection's HAS_*
     else:
         fn = moe_gemv.moe_gemv_kernel

@@ -29,6 +29,10 @@ GROUP_MAX_BLOCK_M = 64
 # exposed in every program (v17, H100: the 128-row tile 8-15 % slower at T = 1024-4096 with it)
 TOPK_SUM_MAX_BLOCK_M = 32
 
+# GemvConfig.expert_order ranks the pairs in every program ([pairs, pairs] comparisons); beyond this many pairs the
+# items keep pair order (one launch is measured slower from 48 pairs anyway, v19)
+EXPERT_ORDER_MAX_PAIRS = 64
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -64,6 +68,9 @@ class GemvConfig:
     # gate_up and down in one launch (`moe_decode_kernel`): set on both projections' configs, which then share
     # num_warps / num_stages (gate_up's) and take no split_k
     one_launch: bool = False
+    # one launch only: the pairs' work items in expert order (a rank computed in every program, up to
+    # EXPERT_ORDER_MAX_PAIRS pairs), so pairs that share an expert read its weights back to back, the second from L2
+    expert_order: bool = False
 
     @property
     def k_step(self) -> int:

@@ -271,7 +271,7 @@ def moe_decode_kernel(
     BN1: tl.constexpr, GPS1: tl.constexpr, MMA1: tl.constexpr, ONE1: tl.constexpr,
     BN2: tl.constexpr, GPS2: tl.constexpr, MMA2: tl.constexpr, ONE2: tl.constexpr,
     DT: tl.constexpr = tl.bfloat16, MAGIC_BITS: tl.constexpr = 0, MAGIC_BASE: tl.constexpr = 0,
-    PTX: tl.constexpr = False, TICKET: tl.constexpr = False,
+    PTX: tl.constexpr = False, TICKET: tl.constexpr = False, SORT_PP: tl.constexpr = 0,
 ):  # fmt: skip
     """Both decode projections in one launch: the gate_up GEMV's programs, then the down GEMV's, as work items.
 
@@ -299,6 +299,8 @@ def moe_decode_kernel(
             tl.store(sync_ptr + P, 0)  # the last ticket: every program has drawn its own
     if item < P * NT1:
         p = item // NT1
+        if SORT_PP > 0:
+            p = _pair_by_expert(ids_ptr, P, p, E, SORT_PP)
         _gemv_program(a_ptr, a32_ptr, mid_ptr, mid_ptr, cnt_ptr, topk_w_ptr, ids_ptr, fs1,
                       g16, g8, gs8, g4, gs4, ga, gsa, gza, g3, gs3, g3a, gs3a, gz3a, E, P, p, item % NT1, 0, NT1,
                       2 * INTER, H, A_BF16, TOP_K, True, False, G_BF16, G_INT8, G_INT4, G_INT4_ASYM, G_INT3,
@@ -309,6 +311,8 @@ def moe_decode_kernel(
     else:
         j = item - P * NT1
         p = j // NT2
+        if SORT_PP > 0:
+            p = _pair_by_expert(ids_ptr, P, p, E, SORT_PP)
         ready = tl.atomic_add(sync_ptr + p, 0, sem="acquire", scope="gpu")
         while ready < NT1:
             ready = tl.atomic_add(sync_ptr + p, 0, sem="acquire", scope="gpu")
@@ -320,6 +324,16 @@ def moe_decode_kernel(
         # the pair's last down item sets its count back to zero
         if tl.atomic_add(sync_ptr + p, 1, sem="relaxed", scope="gpu") == NT1 + NT2 - 1:
             tl.store(sync_ptr + p, 0)
+
+
+@triton.jit
+def _pair_by_expert(ids_ptr, P, r, E, PP: tl.constexpr):
+    """The pair at position r when the P (<= PP) pairs are ordered by expert (then by pair): items of pairs that share
+    an expert run next to each other, so the second reads the expert's weights from L2."""
+    idx = tl.arange(0, PP)
+    key = tl.load(ids_ptr + idx, mask=idx < P, other=E) * PP + idx
+    rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
+    return tl.sum(tl.where(rank == r, idx, 0))
 
 
 @triton.jit

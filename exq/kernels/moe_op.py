@@ -312,8 +312,8 @@ def _decode_one_launch(
     if not one_launch_pair(cfg1, cfg2):
         raise ExqError(
             f"one_launch runs both projections in one kernel: it needs it set on both GEMV configs, split_k 1 and "
-            f"the same num_warps / num_stages, got {cfg1}, {cfg2}",
-            "set one_launch on both projections' configs with matching warps and stages, or on neither",
+            f"the same num_warps / num_stages / expert_order, got {cfg1}, {cfg2}",
+            "set one_launch on both projections' configs with matching warps, stages and expert_order, or on neither",
         )
     _check_gemv_k(gu, cfg1)
     _check_gemv_k(dn, cfg2)
@@ -337,6 +337,7 @@ def _decode_one_launch(
         BN1=cfg1.block_n, GPS1=cfg1.groups_per_step, MMA1=cfg1.mma, ONE1=gu.one_format,
         BN2=cfg2.block_n, GPS2=cfg2.groups_per_step, MMA2=cfg2.mma, ONE2=dn.one_format,
         DT=dt, MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], PTX=ptx, TICKET=not grid_order_dispatch(),
+        SORT_PP=next_pow2(p) if cfg1.expert_order and p <= configs.EXPERT_ORDER_MAX_PAIRS else 0,
         num_warps=cfg1.num_warps, num_stages=cfg1.num_stages,
     )  # fmt: skip
     return final
@@ -351,10 +352,10 @@ def grid_order_dispatch() -> bool:
 
 def one_launch_pair(cfg1, cfg2) -> bool:
     """Whether (gate_up, down) configs can run as one launch: both one-launch GEMVs without split K, at the kernel's
-    one num_warps / num_stages."""
+    one num_warps / num_stages / item order."""
     if not all(isinstance(c, GemvConfig) and c.one_launch and c.split_k == 1 for c in (cfg1, cfg2)):
         return False
-    return (cfg1.num_warps, cfg1.num_stages) == (cfg2.num_warps, cfg2.num_stages)
+    return (cfg1.num_warps, cfg1.num_stages, cfg1.expert_order) == (cfg2.num_warps, cfg2.num_stages, cfg2.expert_order)
 
 
 def fused_moe(
@@ -476,7 +477,8 @@ def _check_config(cfg) -> None:
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
         ok = ok and isinstance(cfg.split_k, int) and cfg.split_k >= 1
-        ok = ok and isinstance(cfg.mma, bool) and isinstance(cfg.one_launch, bool)
+        ok = ok and all(isinstance(f, bool) for f in (cfg.mma, cfg.one_launch, cfg.expert_order))
+        ok = ok and (cfg.one_launch or not cfg.expert_order)
     else:
         raise ExqError(f"config must be a GemmConfig, a GemvConfig or a (gate_up, down) pair, got {cfg!r}")
     if not ok or cfg.num_stages < 1:

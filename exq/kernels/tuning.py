@@ -68,7 +68,7 @@ def config_from_dict(d: dict) -> LayerConfig:
             raise FormatError(f"kernel config {d}: 'down' must hold one config")
         return config_from_dict({k: v for k, v in d.items() if k != "down"}), config_from_dict(d["down"])
     kind = d.get("kind")
-    flags = ("mma", "inline_dispatch", "fold_scales", "one_launch")
+    flags = ("mma", "inline_dispatch", "fold_scales", "one_launch", "expert_order")
     if any(d.get(f) for f in _RETIRED_FLAGS):
         raise FormatError(f"kernel config {d} uses a removed variant (swap_ab)", "re-run `exq compile` to pick again")
     args = {k: bool(v) if k in flags else int(v) for k, v in d.items() if k not in ("kind", *_RETIRED_FLAGS)}
