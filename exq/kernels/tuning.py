@@ -18,6 +18,7 @@ the same shape's nearest entry 8.5 % (its entries are 4x apart in T) and the op'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from functools import cache
@@ -68,15 +69,16 @@ def config_from_dict(d: dict) -> LayerConfig:
             raise FormatError(f"kernel config {d}: 'down' must hold one config")
         return config_from_dict({k: v for k, v in d.items() if k != "down"}), config_from_dict(d["down"])
     kind = d.get("kind")
-    flags = ("mma", "inline_dispatch", "fold_scales", "one_launch", "expert_order")
+    cls = {"gemv": GemvConfig, "gemm": GemmConfig}.get(kind)
+    if cls is None:
+        raise FormatError(f"unknown kernel config kind {kind!r}")
     if any(d.get(f) for f in _RETIRED_FLAGS):
         raise FormatError(f"kernel config {d} uses a removed variant (swap_ab)", "re-run `exq compile` to pick again")
-    args = {k: bool(v) if k in flags else int(v) for k, v in d.items() if k not in ("kind", *_RETIRED_FLAGS)}
-    if kind == "gemv":
-        return GemvConfig(**args)
-    if kind == "gemm":
-        return GemmConfig(**args)
-    raise FormatError(f"unknown kernel config kind {kind!r}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}  # annotations as strings (postponed evaluation)
+    unknown = sorted(set(d) - set(types) - {"kind", *_RETIRED_FLAGS})
+    if unknown:
+        raise FormatError(f"kernel config {d} has fields this exq does not know: {unknown}", "update exq or re-plan")
+    return cls(**{k: bool(v) if types[k] == "bool" else int(v) for k, v in d.items() if k in types})
 
 
 def parse_bench_config(value) -> LayerConfig | None:
