@@ -74,11 +74,12 @@ def config_from_dict(d: dict) -> LayerConfig:
         raise FormatError(f"unknown kernel config kind {kind!r}")
     if any(d.get(f) for f in _RETIRED_FLAGS):
         raise FormatError(f"kernel config {d} uses a removed variant (swap_ab)", "re-run `exq compile` to pick again")
-    types = {f.name: f.type for f in dataclasses.fields(cls)}  # annotations as strings (postponed evaluation)
+    # a field's annotation is the string "bool" under postponed evaluation, the type itself without it
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(types) - {"kind", *_RETIRED_FLAGS})
     if unknown:
         raise FormatError(f"kernel config {d} has fields this exq does not know: {unknown}", "update exq or re-plan")
-    return cls(**{k: bool(v) if types[k] == "bool" else int(v) for k, v in d.items() if k in types})
+    return cls(**{k: bool(v) if types[k] in ("bool", bool) else int(v) for k, v in d.items() if k in types})
 
 
 def parse_bench_config(value) -> LayerConfig | None:
