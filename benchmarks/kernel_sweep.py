@@ -71,6 +71,10 @@ def _fold(c: G) -> G:
     return replace(c, fold_scales=True)
 
 
+def _small(c: G, rows: int) -> G:  # v24: an expert's partial last block on a smaller tile
+    return replace(c, small_m=rows)
+
+
 TWO_GROUPS = [G(16, 128, 256, 4, 3), _inline(G(16, 128, 256, 4, 3))]  # v14: int4 decode tiles, K % 256 == 0
 DECODE_TILES = [*TWO_GROUPS, G(16, 64, 128, 4, 4), _inline(G(16, 64, 128, 4, 4))]
 BY_TOKENS = {  # the rows per expert decide; these are the configs that won or came close in the v9 sweep
@@ -82,11 +86,15 @@ BY_TOKENS = {  # the rows per expert decide; these are the configs that won or c
          _inline(G(16, 64, 128, 4, 5)), _inline(G(16, 32, 128, 4, 4)), _inline(G(16, 128, 128, 4, 4))],
     256: [*TWO_GROUPS, G(16, 128, 128, 4, 3), G(32, 64, 128, 4, 3), G(64, 64, 128, 4, 3), G(64, 128, 128, 4, 3),
           G(16, 64, 128, 4, 4), G(16, 128, 128, 4, 4), _inline(G(32, 128, 128, 4, 3)), G(32, 128, 128, 4, 3),
-          _fold(G(64, 128, 64, 4, 3)), _fold(G(64, 128, 128, 4, 3)), _fold(G(128, 128, 64, 8, 3))],
+          _fold(G(64, 128, 64, 4, 3)), _fold(G(64, 128, 128, 4, 3)), _fold(G(128, 128, 64, 8, 3)),
+          _small(G(32, 128, 128, 4, 3), 16), _small(G(64, 128, 128, 4, 3), 32)],
     1024: [G(64, 128, 128, 4, 3), G(128, 128, 64, 8, 3), _fold(G(128, 128, 64, 8, 3)), _fold(G(128, 128, 64, 8, 4)),
-           _fold(G(64, 128, 64, 4, 4)), _fold(G(128, 64, 64, 4, 3))],
+           _fold(G(64, 128, 64, 4, 4)), _fold(G(128, 64, 64, 4, 3)),
+           _small(_fold(G(128, 128, 64, 8, 3)), 16), _small(_fold(G(128, 128, 64, 8, 3)), 64),
+           _small(_fold(G(128, 128, 64, 8, 4)), 16), _small(_fold(G(64, 128, 64, 4, 4)), 16)],
     4096: [G(64, 128, 128, 4, 3), G(128, 256, 64, 8, 3), _fold(G(128, 128, 64, 8, 3)), _fold(G(128, 128, 64, 8, 4)),
-           _fold(G(128, 256, 64, 8, 3))],
+           _fold(G(128, 256, 64, 8, 3)), _small(_fold(G(128, 128, 64, 8, 3)), 16),
+           _small(_fold(G(128, 128, 64, 8, 3)), 64)],
 }  # fmt: skip
 
 

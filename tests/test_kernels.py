@@ -503,7 +503,8 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
     assert default_config(64, 8, int4) == GemmConfig(16, 128, 256, 4, 3)
     assert default_config(128, 8, mixed) == GemmConfig(16, 128, 256, 4, 3)
     assert default_config(128, 8, bf16) == GemmConfig(16, 128, 128, 4, 4)  # one group, dispatched
-    assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
+    assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=16)
+    assert default_config(8 * 64, 8, bf16).small_m == 0  # v24's partial-block tile measured on int4 / mixed only
 
 
 PLAN_V18 = {"bf16": 0.25, "int8": 0.25, "int4": 0.5}
@@ -555,6 +556,33 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert default_config(512, 64, odd).block_k == 128  # K a multiple of 128 only: one group per step
 
 
+@pytest.mark.parametrize(
+    "dtype,tokens,config",
+    [
+        # 32-row blocks, partial ones on the 16-row tile; down sums top-k in its epilogue on both tiles
+        (torch.bfloat16, 40, GemmConfig(32, 64, 128, 4, 2, small_m=16)),
+        # the 64-row wgmma tile (joined nibbles, folded scales), partial blocks on the 16-row mma.sync tile
+        (torch.float16, 40, GemmConfig(64, 64, 64, 4, 2, fold_scales=True, small_m=16)),
+        # 128 rows, partial blocks on the same tile at 64 rows
+        (torch.bfloat16, 150, GemmConfig(128, 64, 64, 4, 2, fold_scales=True, small_m=64)),
+    ],
+)
+def test_partial_row_blocks_take_the_small_tile(dtype, tokens, config):
+    """Blocks whose rows fit in small_m run the small tile in the same launch as the full ones: every format, both
+    activation types; the routing has blocks of both kinds (else the test would not reach the branch)."""
+    from exq.kernels.dispatch import dispatch
+
+    experts, hidden, inter, k = 8, 256, 128, 2
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=tokens), device=DEVICE, seed=3)
+    x, w, ids = routing(tokens, experts, k, 70 + tokens, hidden, dtype)
+    ids[: tokens // 2, 0] = torch.where((ids[: tokens // 2, 1:] == 5).any(1), ids[: tokens // 2, 0], 5)  # a hot one
+    d = dispatch(ids.to(torch.int32), experts, config.block_m)
+    rows = (d.sorted_pairs.view(-1, config.block_m) < tokens * k).sum(1)[: d.num_blocks].tolist()
+    assert any(0 < r <= config.small_m for r in rows) and any(r > config.small_m for r in rows), rows
+    out = fused_moe(x, w, ids, mod, config=config)
+    assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+
+
 def test_errors_name_the_problem():
     from exq.kernels.moe_op import kernel_blocks
 
@@ -586,6 +614,13 @@ def test_errors_name_the_problem():
         fused_moe(x, w, ids, mod, config=GemmConfig(16, 64, 256))
     with pytest.raises(ExqError, match="flags True / False"):
         fused_moe(x, w, ids, mod, config=GemmConfig(16, inline_dispatch="yes"))
+    for bad in (
+        GemmConfig(32, small_m=32),
+        GemmConfig(64, small_m=24),
+        GemmConfig(32, small_m=16, inline_dispatch=True),
+    ):
+        with pytest.raises(ExqError, match="small_m 0 or a power of two"):
+            fused_moe(x, w, ids, mod, config=bad)
     with pytest.raises(ExqError, match="cannot compile"):
         fused_moe(x, w, ids, mod, config=GemvConfig(32, 1, one_launch="yes"))
     with pytest.raises(ExqError, match="GemmConfig, a GemvConfig"):

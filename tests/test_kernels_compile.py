@@ -35,6 +35,17 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     "decode tile, int3-only layer (byte gathers)": ("gemm", 16, 64, 128, 4, "int3", {"ROUTE_PP": 512}),
     "tensor-core GEMV, int3-only layer": ("gemv", 0, 64, 128, 4, "int3", {}),
     "prefill tile, int3-only layer (words)": ("gemm", 128, 128, 64, 8, "int3", {"FOLD": True}),
+    "prefill tile, 16-row tile for partial blocks": ("gemm", 128, 128, 64, 8, "all", {"FOLD": True, "SMALL_M": 16}),
+    "prefill tile, 64-row tile for partial blocks": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "SMALL_M": 64}),
+    "32-row tile, 16-row partial blocks, top-k sum": (
+        "gemm",
+        32,
+        128,
+        128,
+        4,
+        "all",
+        {"SMALL_M": 16, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8},
+    ),
     "prefill gate_up tile zeroing the counters": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ZCH": 64}),
     "prefill down tile, top-k sum in the epilogue": (
         "gemm",
@@ -92,7 +103,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         fn = moe_gemm.moe_gemm_kernel
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
                       INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1,
-                      FINISH_K=0, ZCH=0)
+                      FINISH_K=0, ZCH=0, SMALL_M=0)
     elif kind == "decode":
         fn = moe_gemv.moe_decode_kernel
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,

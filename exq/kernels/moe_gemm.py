@@ -371,7 +371,7 @@ def moe_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, ONE_FORMAT: tl.constexpr = -1,
-    FINISH_K: tl.constexpr = 0, ZCH: tl.constexpr = 0,
+    FINISH_K: tl.constexpr = 0, ZCH: tl.constexpr = 0, SMALL_M: tl.constexpr = 0,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -382,6 +382,11 @@ def moe_gemm_kernel(
     dispatch launch; program (expert, column tile) finds its pairs in topk_ids itself (a rank by prefix sum over
     the P ids, the order of a stable sort) and walks them BM rows at a time; sorted_ptr is then [E, ROUTE_PP]
     scratch.
+
+    SMALL_M > 0 (dispatched blocks): a block whose real rows all lie in its first SMALL_M runs a SMALL_M-row tile
+    instead (an expert's last, partial block): the big tiles are bound by decoding the weights, so a block costs
+    about the same however few of its rows are real, and the smaller tile decodes them for less (64 rows: the big
+    tile's K step and folding; 16-32 rows: the mma.sync tile's 128-input steps, exact codes).
 
     FINISH_K = top_k (down): the top-k sum in the epilogue. Each program counts its rows in their (token, column
     tile) counter (cnt_ptr) after writing them to C [P, N]; the program that brings a counter to top_k reads the
@@ -431,12 +436,29 @@ def moe_gemm_kernel(
         e = tl.load(block_expert_ptr + pid_m)
         if e < E:
             fmt, slot = _format_slot(fs_ptr, e, ONE_FORMAT)
-            pairs = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
-            _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot,
-                       w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
-                       pairs, pid_n, P, stride_am, stride_cm, N, K, A_DIV, GATED, MUL_W,
-                       HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
-                       MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, out_ptr, cnt_ptr, n_tiles, FINISH_K)  # fmt: skip
+            small = False
+            if SMALL_M > 0:  # the dispatch pads an expert's last block at its end: one entry tells
+                small = tl.load(sorted_ptr + pid_m * BM + SMALL_M) >= P
+            if small:
+                if SMALL_M > 0:  # static: Triton compiles both sides of the runtime branch above
+                    SBIG: tl.constexpr = SMALL_M >= 64  # the wgmma tile as configured; else the mma.sync tile
+                    SBK: tl.constexpr = BK if SBIG or BK > 128 else 128
+                    SFOLD: tl.constexpr = FOLD if SBIG else False
+                    _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot,
+                               w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
+                               tl.load(sorted_ptr + pid_m * BM + tl.arange(0, SMALL_M)), pid_n, P, stride_am, stride_cm,
+                               N, K, A_DIV, GATED, MUL_W,
+                               HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, SMALL_M, BN,
+                               SBK, DT, MAGIC_BITS, MAGIC_BASE, SBIG, PTX, SFOLD,
+                               out_ptr, cnt_ptr, n_tiles, FINISH_K)  # fmt: skip
+            else:
+                _row_block(a_ptr, a32_ptr, c_ptr, topk_w_ptr, fmt, slot,
+                           w16, w8, s8, w4, s4, wa, sa, za, w3, s3, w3a, s3a, z3a,
+                           tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)), pid_n, P, stride_am, stride_cm,
+                           N, K, A_DIV, GATED, MUL_W,
+                           HAS_BF16, HAS_INT8, HAS_INT4, HAS_INT4_ASYM, HAS_INT3, HAS_INT3_ASYM, BM, BN, BK, DT,
+                           MAGIC_BITS, MAGIC_BASE, INTERLEAVE, PTX, FOLD, out_ptr, cnt_ptr, n_tiles,
+                           FINISH_K)  # fmt: skip
 
 
 @triton.jit

@@ -189,8 +189,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
         return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=True)
     # v12: int4 scales folded into the weights (one accumulator) let the 128-row 8-warp tile run without spills:
     # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
-    # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us)
-    return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
+    # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us). v24: an
+    # expert's last block with up to 16 rows on the 16-row tile, faster or level in all 16 int4 / mixed cells at
+    # T = 1024-4096 of the four bench shapes (olmoe int4 T = 1024 383.6 -> 344.9 us, Mixtral 2163.4 -> 2043.4; qwen3
+    # 380.8 -> 379.6); not measured for all-bf16 layers, whose tiles are not bound by decoding
+    return GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=0 if block.present == {"bf16"} else 16)
 
 
 def default_configs(pairs: int, gu: KernelBlock, dn: KernelBlock) -> tuple[Config, Config]:
@@ -245,6 +248,7 @@ def _gemm(
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
         FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format, FINISH_K=finish_k, ZCH=zch,
+        SMALL_M=cfg.small_m if disp is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -473,6 +477,9 @@ def _check_config(cfg) -> None:
             and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
             and isinstance(cfg.inline_dispatch, bool)
             and isinstance(cfg.fold_scales, bool)
+            and isinstance(cfg.small_m, int)
+            and (cfg.small_m == 0 or (pow2(cfg.small_m) and 16 <= cfg.small_m < cfg.block_m))
+            and not (cfg.small_m and cfg.inline_dispatch)
         )
     elif isinstance(cfg, GemvConfig):
         ok = all(pow2(v) for v in (cfg.block_n, cfg.groups_per_step, cfg.num_warps)) and cfg.block_n >= 16
@@ -484,7 +491,8 @@ def _check_config(cfg) -> None:
     if not ok or cfg.num_stages < 1:
         raise ExqError(
             f"{cfg} cannot compile",
-            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False",
+            "tile sizes and warps are powers of two, tiles at least 16, stages at least 1, flags True / False, "
+            "small_m 0 or a power of two from 16 below block_m (dispatched blocks: not with inline_dispatch)",
         )
 
 

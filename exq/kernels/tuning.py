@@ -102,7 +102,7 @@ def parse_bench_config(value) -> LayerConfig | None:
                 for x in m.group(2).split(",")]  # fmt: skip
     except ValueError as e:
         raise FormatError(f"cannot read kernel config {value!r}") from e
-    if m.group(1) == "GemmConfig" and len(args) == 8:  # recorded while swap_ab existed (v12 sessions)
+    if m.group(1) == "GemmConfig" and len(args) == 8 and isinstance(args[7], bool):  # swap_ab's time (v12)
         if args[7]:
             raise FormatError(f"kernel config {value!r} uses a removed variant (swap_ab)", "re-run the sweep")
         args = args[:7]
