@@ -128,7 +128,8 @@ def test_configs_survive_tables_and_bench_records():
     from exq.kernels.tuning import config_from_dict, parse_bench_config
 
     one = GemvConfig(64, 2, 4, 3, mma=True, one_launch=True)
-    for cfg in (GemvConfig(64, 1, 4, 4, 2, mma=True), GemvConfig(32, 4), GemmConfig(64, 128, 128, 4, 3), one):
+    small = GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=16)  # 8 fields, the last an int: not swap_ab
+    for cfg in (GemvConfig(64, 1, 4, 4, 2, mma=True), GemvConfig(32, 4), GemmConfig(64, 128, 128, 4, 3), one, small):
         assert config_from_dict(config_to_dict(cfg)) == cfg
         assert parse_bench_config(type(cfg).__name__ + str(tuple(cfg.as_dict().values()))) == cfg
     old = {"kind": "gemv", "block_n": 32, "groups_per_step": 1, "num_warps": 4, "num_stages": 2, "split_k": 1}

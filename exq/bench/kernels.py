@@ -181,9 +181,9 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     out = [GemmConfig(*c) for c in tiles]
     if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
         out += [GemmConfig(*c, fold_scales=True) for c in tiles if c[0] >= 64]
-    # v24: an expert's partial last block on a smaller tile (the 32-row tile's at 16 rows, the prefill tile's at 16)
-    out += [GemmConfig(*c, small_m=16) for c in tiles if c == (32, 128, 128, 4, 3)]
-    out += [GemmConfig(*c, fold_scales=plan != "bf16", small_m=16) for c in tiles if c == (128, 128, 64, 8, 3)]
+    # v24: an expert's partial last block on the 16-row tile, for the 32-row tile and the (folded) prefill tile
+    out += [GemmConfig(*c, fold_scales=plan != "bf16" and c[0] == 128, small_m=16) for c in tiles
+            if c in ((32, 128, 128, 4, 3), (128, 128, 64, 8, 3))]  # fmt: skip
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:

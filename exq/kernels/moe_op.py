@@ -248,7 +248,7 @@ def _gemm(
         MAGIC_BITS=magic[0], MAGIC_BASE=magic[1], INTERLEAVE=cfg.block_m >= 64, PTX=ptx,
         ROUTE_PP=route_pp,
         FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format, FINISH_K=finish_k, ZCH=zch,
-        SMALL_M=cfg.small_m if disp is not None else 0,
+        SMALL_M=cfg.small_m,  # 0 with the inline dispatch (_check_config)
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
