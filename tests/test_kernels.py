@@ -501,9 +501,14 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
     assert default_config(128, 8, bf16).inline_dispatch
     monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)
     assert default_config(64, 8, int4) == GemmConfig(16, 128, 256, 4, 3)
-    assert default_config(128, 8, mixed) == GemmConfig(16, 128, 256, 4, 3)
+    assert default_config(64, 8, mixed) == GemmConfig(16, 128, 256, 4, 3)
+    # beyond 8 rows per expert, experts outgrowing L2 take 32-row blocks with the 16-row tile for partial ones (v25)
+    assert default_config(128, 8, mixed) == GemmConfig(32, 128, 256, 4, 3, small_m=16)
     assert default_config(128, 8, bf16) == GemmConfig(16, 128, 128, 4, 4)  # one group, dispatched
-    assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=16)
+    # the prefill tile's partial blocks: on the 64-row tile while an expert's block mostly holds <= 64 rows (v25),
+    # else on the 16-row tile (v24)
+    assert default_config(8 * 64, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=64)
+    assert default_config(8 * 128, 8, int4) == GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=16)
     assert default_config(8 * 64, 8, bf16).small_m == 0  # v24's partial-block tile measured on int4 / mixed only
 
 

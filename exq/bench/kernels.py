@@ -120,6 +120,9 @@ OUR_CONFIGS = [  # (block_m, block_n, block_k, warps, stages)
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
 ]
+# tile -> the small_m values timed with it (fold_scales as the tile's row count asks)
+SMALL_TILES = {(32, 128, 128, 4, 3): (16,), (32, 128, 256, 4, 3): (16,), (64, 128, 64, 4, 3): (16,),
+               (128, 128, 64, 8, 3): (16, 64)}  # fmt: skip
 GEMV_CONFIGS = [  # (block_n, groups_per_step, warps, stages, split_k, mma[, one_launch])
     (32, 1, 4, 2, 1, False),
     (64, 1, 4, 2, 1, False),
@@ -181,9 +184,10 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     out = [GemmConfig(*c) for c in tiles]
     if plan != "bf16":  # int4 scales folded into the weights: one accumulator, what the 64- and 128-row tiles need
         out += [GemmConfig(*c, fold_scales=True) for c in tiles if c[0] >= 64]
-    # v24: an expert's partial last block on the 16-row tile, for the 32-row tile and the (folded) prefill tile
-    out += [GemmConfig(*c, fold_scales=plan != "bf16" and c[0] == 128, small_m=16) for c in tiles
-            if c in ((32, 128, 128, 4, 3), (128, 128, 64, 8, 3))]  # fmt: skip
+    # an expert's partial last block on a smaller tile (v24: 16 rows under the 32-row and the folded prefill tile;
+    # v25: under the two-group 32-row tile, and 64 rows under the prefill tile, for experts of about 64 rows)
+    out += [GemmConfig(*c, fold_scales=plan != "bf16" and c[0] >= 64, small_m=m) for c, rows in SMALL_TILES.items()
+            if c in tiles for m in rows]  # fmt: skip
     if tokens * k <= INLINE_DISPATCH_PAIRS:  # the same row blocks without the dispatch launch
         out += [GemmConfig(*c, inline_dispatch=True) for c in tiles if c[0] <= 32]
     if tokens * k <= 4 * e:

@@ -179,6 +179,12 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # inline vs 395.8 us)
     small = not block.outgrows_l2
     if per_expert <= 16 and block.present & {"int4", "int4-asym"} and block.in_features % 256 == 0:
+        if per_expert > 8 and not small:
+            # v25 (H100, Mixtral T = 64, 16 rows per expert): experts too big for L2 take 32-row blocks, and a block
+            # with up to 16 real rows the 16-row tile in the same launch (small_m): int4 363.9 vs 401.4 us for the
+            # 16-row tile, mixed 469.6 vs 499.7 (docs/bench/kernels_h100_v25_mixtral-t64.json). Experts that stay
+            # in L2 keep the 16-row tile (qwen3 T = 256: 185.9 vs 193.4 us for 32 rows + 16, v24)
+            return GemmConfig(32, 128, 256, 4, 3, small_m=16)
         return GemmConfig(16, 128, 256, 4, 3, inline_dispatch=pairs <= 256 and small)
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
@@ -192,8 +198,14 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us). v24: an
     # expert's last block with up to 16 rows on the 16-row tile, faster or level in all 16 int4 / mixed cells at
     # T = 1024-4096 of the four bench shapes (olmoe int4 T = 1024 383.6 -> 344.9 us, Mixtral 2163.4 -> 2043.4; qwen3
-    # 380.8 -> 379.6); not measured for all-bf16 layers, whose tiles are not bound by decoding
-    return GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=0 if block.present == {"bf16"} else 16)
+    # 380.8 -> 379.6); not measured for all-bf16 layers, whose tiles are not bound by decoding. v25: below 96 rows
+    # per expert an expert's one block mostly holds at most 64 real rows, so those run the 64-row tile instead
+    # (small_m 64): qwen3 T = 1024 (64 rows) int4 352.7 vs 379.6 us with small_m 16, mixed 374.4 vs 398.2; Mixtral
+    # T = 256 (64 rows) 747.6 vs 811.9, mixed 807.5 vs 867.6; DeepSeek T = 1024 (96 rows) ties (356.5 vs 354.4),
+    # from 128 rows 16 wins (olmoe T = 1024 344.9 vs 359.1; every T = 4096 cell)
+    if block.present == {"bf16"}:
+        return GemmConfig(128, 128, 64, 8, 3, fold_scales=True)
+    return GemmConfig(128, 128, 64, 8, 3, fold_scales=True, small_m=64 if per_expert < 96 else 16)
 
 
 def default_configs(pairs: int, gu: KernelBlock, dn: KernelBlock) -> tuple[Config, Config]:
