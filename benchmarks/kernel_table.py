@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from exq.bench import SHAPES
+from exq.bench.report import read_result
 from exq.compiler.specialize import rows_per_active_expert
 from exq.errors import ExqError, FormatError
 from exq.fileio import atomic_write_bytes, read_json
@@ -56,13 +57,6 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from err
 
 
-def _results(path: Path) -> dict:
-    r = read_json(path, "benchmark result")
-    if not isinstance(r, dict) or not isinstance(r.get("rows"), list) or "device" not in r:
-        raise FormatError(f"{path} is not an `exq bench kernels` result (no device / rows)")
-    return r
-
-
 def _dims(shape: str) -> dict:
     if shape not in SHAPES:
         raise FormatError(f"shape {shape!r} is not one of exq bench's shapes ({', '.join(SHAPES)})")
@@ -88,7 +82,7 @@ def build(a: argparse.Namespace) -> None:
         gpu, sources = base["gpu"], list(base["source"])
         cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
     for path in a.results + a.if_faster:
-        r = _results(path)
+        r = read_result(path)
         gpu = gpu or r["device"]
         if r["device"] != gpu:
             raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")

@@ -808,3 +808,34 @@ def test_bench_report_plots_any_plans(tmp_path):
     assert report.plot(result, tmp_path / "k.png").stat().st_size > 0
     table = report.markdown(result)
     assert "| qwen3-30b-a3b | 4 | mixed-int3 |" in table and table.count("\n| ") == len(rows) + 1
+
+
+def test_kernel_status_takes_each_figure_from_the_last_run_that_measured_it(tmp_path):
+    """benchmarks/kernel_status.py's cells: a later run overrides a cell's floor and compute shares, the ratio to
+    SGLang only from rows that timed SGLang; plans and batch sizes outside the issue's are left out. Hand-computed
+    figures; a result without rows stops with a message naming the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from exq.bench import report
+
+    def row(plan, t, us, floor, compute, sglang=None):
+        out = {"shape": "olmoe-1b-7b", "plan": plan, "tokens": t, "exq_us": us, "hbm_floor_us": floor,
+               "compute_floor_us": compute}  # fmt: skip
+        return out | ({"sglang_default_us": sglang} if sglang else {})
+
+    old = {"device": "GPU", "rows": [row("int4", 4, 50.0, 30.0, 1.0, sglang=200.0), row("int4", 2, 40.0, 30.0, 1.0),
+                                     row("bf16", 4, 60.0, 50.0, 1.0)]}  # fmt: skip
+    new = {"device": "GPU", "rows": [row("int4", 4, 40.0, 30.0, 2.0), row("mixed", 1024, 400.0, 100.0, 150.0)]}
+    cells = report.status_cells([old, new])
+    assert set(cells) == {("olmoe-1b-7b", "int4", 4), ("olmoe-1b-7b", "mixed", 1024)}
+    assert cells["olmoe-1b-7b", "int4", 4] == {"floor_pct": 75.0, "compute_pct": 5.0, "x_sglang": 4.0}
+    assert cells["olmoe-1b-7b", "mixed", 1024] == {"floor_pct": 25.0, "compute_pct": 37.5}
+    assert report.status_plot(cells, "GPU", tmp_path / "s.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text('{"rows": 1}')
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_status.py"
+    run = subprocess.run([sys.executable, str(script), "bad.json", "--output", "s2.png"], cwd=tmp_path,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0 and "bad.json is not an `exq bench kernels` result" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "s2.png").exists()

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exq.errors import FormatError
+from exq.fileio import read_json
+
+# the issue's batch sizes and targets (H100): % of the HBM floor at T <= 64, x SGLang's default int4 path at every
+# T, % of the bf16 roofline from T = 1024
+TARGET_FLOOR_PCT, TARGET_X_SGLANG, TARGET_COMPUTE_PCT = 70.0, 4.0, 50.0
+TARGET_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def read_result(path: str | Path) -> dict:
+    """An `exq bench kernels` / kernel_sweep.py result file, checked for what the readers use."""
+    r = read_json(Path(path), "benchmark result")
+    if not isinstance(r, dict) or not isinstance(r.get("rows"), list) or "device" not in r:
+        raise FormatError(f"{path} is not an `exq bench kernels` result (no device / rows)")
+    return r
+
 
 def markdown(result: dict) -> str:
     f = result["floors"]
@@ -61,6 +77,61 @@ def plot(result: dict, path: str | Path) -> Path:
         ax.set_title(f"{shape} (dotted: HBM floors)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def status_cells(results: list[dict]) -> dict:
+    """(shape, plan, T) -> each target's figure, from the last result (in the order given) that measured it: % of the
+    HBM floor, x SGLang's default (int4 rows timed with SGLang in the same run), % of the compute floor. The
+    issue's batch sizes and its two quantized plans only."""
+    cells: dict = {}
+    for r in results:
+        for row in r["rows"]:
+            if row.get("plan") not in ("int4", "mixed") or row.get("tokens") not in TARGET_TOKENS:
+                continue
+            c = cells.setdefault((row["shape"], row["plan"], row["tokens"]), {})
+            c["floor_pct"] = 100 * row["hbm_floor_us"] / row["exq_us"]
+            c["compute_pct"] = 100 * row["compute_floor_us"] / row["exq_us"]
+            if row.get("sglang_default_us"):
+                c["x_sglang"] = row["sglang_default_us"] / row["exq_us"]
+    return cells
+
+
+def status_plot(cells: dict, device: str, path: str | Path) -> Path:
+    """Three panels, one line per (shape, plan), each against its target line: % of the HBM floor at T <= 64, x
+    SGLang's default int4 path at every T, % of the compute floor from T = 256."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("floor_pct", "% of HBM floor", lambda t: t <= 64, TARGET_FLOOR_PCT),
+        ("x_sglang", "int4: x SGLang's default int4 path", lambda t: True, TARGET_X_SGLANG),
+        ("compute_pct", "% of bf16 compute floor", lambda t: t >= 256, TARGET_COMPUTE_PCT),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    shapes = list(dict.fromkeys(s for s, _, _ in cells))
+    colors = {s: f"C{i}" for i, s in enumerate(shapes)}
+    for ax, (key, label, keep, target) in zip(axes, panels, strict=True):
+        for shape, plan in dict.fromkeys((s, p) for s, p, _ in cells):
+            pts = sorted(
+                (t, c[key]) for (s, p, t), c in cells.items() if (s, p) == (shape, plan) and keep(t) and key in c
+            )
+            if pts:
+                ax.plot([t for t, _ in pts], [v for _, v in pts], "-o" if plan == "int4" else "--s",
+                        color=colors[shape], ms=4, label=f"{shape} {plan}")  # fmt: skip
+        ax.axhline(target, color="black", lw=1, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_title(f"{label} (target {target:g})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"exq fused MoE op against the targets, {device}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
