@@ -16,31 +16,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exq.bench.report import status_cells, status_plot
+from exq.bench.report import TARGET_TOKENS, read_result, status_cells, status_plot
 from exq.errors import ExqError
 
 
 def main() -> None:
-    from exq.bench.report import read_result
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="bench results, oldest first")
     ap.add_argument("--output", required=True, type=Path, help="the plot (PNG)")
     a = ap.parse_args()
     try:
         results = [read_result(p) for p in a.results]
-    except ExqError as err:
+        devices = {r["device"] for r in results}
+        if len(devices) > 1:
+            raise SystemExit(f"the results come from several GPUs ({', '.join(sorted(devices))}): give one GPU's")
+        cells = status_cells(results)
+        if not cells:
+            raise SystemExit(f"no int4 / mixed rows at the issue's batch sizes ({TARGET_TOKENS}) in these results")
+        print("| shape | plan | T | % of HBM floor | x SGLang default | % of compute floor |")
+        print("|---|---|---|---|---|---|")
+        for (shape, plan, t), c in sorted(cells.items()):
+            x = f"{c['x_sglang']:.2f}" if "x_sglang" in c else "-"
+            print(f"| {shape} | {plan} | {t} | {c['floor_pct']:.1f} | {x} | {c['compute_pct']:.1f} |")
+        print(f"wrote {status_plot(cells, devices.pop(), a.output)}")
+    except ExqError as err:  # a missing or malformed result, an output path that is a folder: no traceback
         raise SystemExit(f"error: {err}") from err
-    devices = {r["device"] for r in results}
-    if len(devices) > 1:
-        raise SystemExit(f"the results come from several GPUs ({', '.join(sorted(devices))}): give one GPU's")
-    cells = status_cells(results)
-    print("| shape | plan | T | % of HBM floor | x SGLang default | % of compute floor |")
-    print("|---|---|---|---|---|---|")
-    for (shape, plan, t), c in sorted(cells.items()):
-        x = f"{c['x_sglang']:.2f}" if "x_sglang" in c else "-"
-        print(f"| {shape} | {plan} | {t} | {c['floor_pct']:.1f} | {x} | {c['compute_pct']:.1f} |")
-    print(f"wrote {status_plot(cells, devices.pop(), a.output)}")
 
 
 if __name__ == "__main__":

@@ -839,3 +839,20 @@ def test_kernel_status_takes_each_figure_from_the_last_run_that_measured_it(tmp_
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode != 0 and "bad.json is not an `exq bench kernels` result" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "s2.png").exists()
+
+
+def test_kernel_status_names_a_row_it_cannot_use(tmp_path):
+    """benchmarks/kernel_status.py: a row missing a figure, or results with no int4 / mixed row at the issue's batch
+    sizes, stop with a message (no traceback) and no plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_status.py"
+    (tmp_path / "partial.json").write_text('{"device": "G", "rows": [{"shape": "x", "plan": "int4", "tokens": 4}]}')
+    (tmp_path / "bf16.json").write_text('{"device": "G", "rows": [{"shape": "x", "plan": "bf16", "tokens": 4}]}')
+    for name, said in (("partial.json", "lacks a usable 'hbm_floor_us'"), ("bf16.json", "no int4 / mixed rows")):
+        run = subprocess.run([sys.executable, str(script), name, "--output", "s.png"], cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode != 0 and said in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert not (tmp_path / "s.png").exists()

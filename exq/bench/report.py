@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exq.errors import FormatError
-from exq.fileio import read_json
+from exq.fileio import atomic_write, read_json
 
 # the batch sizes and targets (H100): % of the HBM floor at T <= 64, x SGLang's default int4 path at every
 # T, % of the bf16 roofline from T = 1024
@@ -79,7 +79,7 @@ def plot(result: dict, path: str | Path) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -93,11 +93,14 @@ def status_cells(results: list[dict]) -> dict:
         for row in r["rows"]:
             if row.get("plan") not in ("int4", "mixed") or row.get("tokens") not in TARGET_TOKENS:
                 continue
-            c = cells.setdefault((row["shape"], row["plan"], row["tokens"]), {})
-            c["floor_pct"] = 100 * row["hbm_floor_us"] / row["exq_us"]
-            c["compute_pct"] = 100 * row["compute_floor_us"] / row["exq_us"]
-            if row.get("sglang_default_us"):
-                c["x_sglang"] = row["sglang_default_us"] / row["exq_us"]
+            try:
+                c = cells.setdefault((row["shape"], row["plan"], row["tokens"]), {})
+                c["floor_pct"] = 100 * row["hbm_floor_us"] / row["exq_us"]
+                c["compute_pct"] = 100 * row["compute_floor_us"] / row["exq_us"]
+                if row.get("sglang_default_us"):
+                    c["x_sglang"] = row["sglang_default_us"] / row["exq_us"]
+            except (KeyError, TypeError, ZeroDivisionError) as err:
+                raise FormatError(f"a bench row lacks a usable {err} ({row})", "re-run `exq bench kernels`") from err
     return cells
 
 
@@ -134,6 +137,6 @@ def status_plot(cells: dict, device: str, path: str | Path) -> Path:
     fig.suptitle(f"exq fused MoE op against the targets, {device}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
