@@ -46,6 +46,25 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
         "all",
         {"SMALL_M": 16, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8},
     ),
+    # v26: gate_up lets the down launch start early, down waits for it first (the PTX must hold the instruction)
+    "decode gate_up tile, down may launch early": (
+        "gemm",
+        16,
+        128,
+        256,
+        4,
+        "int4",
+        {"PDL": 1, "_PTX": "griddepcontrol.launch_dependents"},
+    ),
+    "decode down tile launched early, top-k sum": (
+        "gemm",
+        16,
+        128,
+        128,
+        4,
+        "all",
+        {"PDL": 2, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8, "_PTX": "griddepcontrol.wait"},
+    ),
     "prefill gate_up tile zeroing the counters": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ZCH": 64}),
     "prefill down tile, top-k sum in the epilogue": (
         "gemm",
@@ -103,7 +122,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         fn = moe_gemm.moe_gemm_kernel
         consts = dict(N=2048, K=2048, A_DIV=8, GATED=True, MUL_W=False, BM=bm, BN=bn, BK=bk,
                       INTERLEAVE=bm >= 64, ROUTE_PP=0, FOLD=False, GROUP=1, ONE_FORMAT=-1,
-                      FINISH_K=0, ZCH=0, SMALL_M=0)
+                      FINISH_K=0, ZCH=0, SMALL_M=0, PDL=0)
     elif kind == "decode":
         fn = moe_gemv.moe_decode_kernel
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
@@ -114,8 +133,10 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
                       TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
     consts |= MAGIC | (has if kind == "decode" else FORMATS[fmts]) | flags
+    need = consts.pop("_PTX", None)  # an instruction the variant must compile to
     try:
-        out[name] = "ok" if compile_sm90(fn, consts, warps).asm["cubin"] else "no cubin"
+        k = compile_sm90(fn, consts, warps)
+        out[name] = "ok" if k.asm["cubin"] and (need is None or need in k.asm["ptx"]) else f"no cubin or no {need}"
     except Exception as err:  # the compiler's message is the test's failure message
         out[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
 print(json.dumps(out))

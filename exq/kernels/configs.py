@@ -29,6 +29,13 @@ GROUP_MAX_BLOCK_M = 64
 # exposed in every program (v17, H100: the 128-row tile 8-15 % slower at T = 1024-4096 with it)
 TOPK_SUM_MAX_BLOCK_M = 32
 
+# the down GEMM (row blocks up to this size) is launched as a programmatic dependent of gate_up on Hopper: its
+# launch and its programs' start overlap gate_up's last programs, and each waits for gate_up's end in its first
+# instruction. v26 (H100, table configs, same process): 0.2-1.7 % faster at T = 16-256 in all 18 cells measured
+# (olmoe / qwen3 / DeepSeek, int4 and mixed) and again in a second run; with 128-row blocks (T = 1024) 0.4-3.1 %
+# slower in 5 of 6; for experts that outgrow L2 (Mixtral, T = 16-256) -0.3 to +1.3 %, so not for those either
+PDL_MAX_BLOCK_M = 64
+
 # GemvConfig.expert_order ranks the pairs in every program ([pairs, pairs] comparisons); beyond this many pairs the
 # items keep pair order (one launch is measured slower from 48 pairs anyway, v19)
 EXPERT_ORDER_MAX_PAIRS = 64

@@ -25,6 +25,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # Hopper's grid dependency control (Triton >= 3.4); without it the two GEMM launches run one after the other
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
 
 @triton.jit
 def _a_tile(a_ptr, a_rows, a_mask, stride_am, cols, DT: tl.constexpr):
@@ -371,7 +386,7 @@ def moe_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr, INTERLEAVE: tl.constexpr, PTX: tl.constexpr,
     ROUTE_PP: tl.constexpr = 0, FOLD: tl.constexpr = False, GROUP: tl.constexpr = 1, ONE_FORMAT: tl.constexpr = -1,
-    FINISH_K: tl.constexpr = 0, ZCH: tl.constexpr = 0, SMALL_M: tl.constexpr = 0,
+    FINISH_K: tl.constexpr = 0, ZCH: tl.constexpr = 0, SMALL_M: tl.constexpr = 0, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """GATED: W is [2I, K] per expert, C [P, I] = silu(A W[:I]^T) * (A W[I:]^T). Else C [P, N] = w_p * A W^T.
 
@@ -393,6 +408,10 @@ def moe_gemm_kernel(
     token's top_k rows of C back in slot order and writes their fp32 sum to out [T, N]. No sum launch, the same
     bits as summing C afterwards, deterministic, and no program waits on another. ZCH > 0 (gate_up, which always
     runs just before the down launch): programs zero ZCH counters each, ZERO_CNT in all, so no memset is needed.
+
+    PDL (Hopper's programmatic dependent launch, v26): 1 = gate_up lets the next launch start once all its programs
+    have; 2 = that down launch's programs take the SMs gate_up's last ones leave free and wait for gate_up's end
+    (and its writes) before their first access.
     """
     # v12: a 1-D grid, column tiles fastest. The tiles of one row block (of one expert, inline) run together: its A
     # rows come from HBM once and then from L2 (T = 4096: down's A is 67 MB for olmoe, re-read per column tile in
@@ -402,6 +421,10 @@ def moe_gemm_kernel(
     # column tile together, so a weight tile is read once from HBM for all of them
     n_tiles: tl.constexpr = (N // 2 + BN // 2 - 1) // (BN // 2) if GATED else (N + BN - 1) // BN
     pid = tl.program_id(0)
+    if PDL == 1:  # gate_up: the down launch may start (and wait below) once every program here has
+        gdc_launch_dependents()
+    if PDL == 2:  # down, launched early: nothing is read or written before gate_up has ended
+        gdc_wait()
     if ZCH > 0:
         z = pid * ZCH + tl.arange(0, ZCH)
         tl.store(cnt_ptr + z, tl.zeros((ZCH,), tl.int32), mask=z < ZERO_CNT)

@@ -18,7 +18,7 @@ from exq.formats import FORMATS
 from exq.kernels import configs
 from exq.kernels.configs import KERNEL_FORMATS, Config, GemmConfig, GemvConfig
 from exq.kernels.dispatch import dispatch, interpreting, next_pow2
-from exq.kernels.moe_gemm import moe_gemm_kernel
+from exq.kernels.moe_gemm import HAS_GDC, moe_gemm_kernel
 from exq.kernels.moe_gemv import gemv_reduce_kernel, moe_decode_kernel, moe_gemv_kernel
 
 
@@ -218,11 +218,12 @@ def default_configs(pairs: int, gu: KernelBlock, dn: KernelBlock) -> tuple[Confi
 
 def _gemm(
     a, c, topk_weights, disp, block: KernelBlock, pairs, a_div, gated, mul_w, cfg: GemmConfig, topk_ids=None,
-    finish=None, zero_counters=None,
+    finish=None, zero_counters=None, pdl=0,
 ) -> None:  # fmt: skip
     """disp None: the inline dispatch (programs per expert read topk_ids themselves). finish (down): (out [T, N],
     counters [T x column tiles], top_k): the top-k sum in the epilogue into out. zero_counters (gate_up): the
-    counters the down launch after it will count in, zeroed by this launch."""
+    counters the down launch after it will count in, zeroed by this launch. pdl: 1 for a gate_up launch that lets
+    the next launch start early, 2 for that next (down) launch, which waits for it first."""
     import triton
 
     n_out = block.out_features // 2 if gated else block.out_features
@@ -261,7 +262,7 @@ def _gemm(
         ROUTE_PP=route_pp,
         FOLD=cfg.fold_scales, GROUP=group, ONE_FORMAT=block.one_format, FINISH_K=finish_k, ZCH=zch,
         SMALL_M=cfg.small_m,  # 0 with the inline dispatch (_check_config)
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl == 2 else {}),
     )  # fmt: skip
 
 
@@ -430,17 +431,24 @@ def fused_moe(
     if finish:  # zeroed by a gate_up GEMM launch, by torch before a GEMV one
         alloc = torch.zeros if isinstance(cfg1, GemvConfig) else torch.empty
         counters = alloc(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
+    # the down launch starts while gate_up's last programs run and waits for gate_up's end in its first instruction
+    # (configs.PDL_MAX_BLOCK_M); it pairs with the launch just before it, so down's dispatch comes first
+    pdl = PDL and isinstance(cfg1, GemmConfig) and cfg2.block_m <= configs.PDL_MAX_BLOCK_M and not expert_parallel
+    pdl = pdl and not (gu.outgrows_l2 or dn.outgrows_l2) and _has_pdl(hidden.device)
+    if pdl and not _inline(cfg2, p) and cfg2.block_m not in dispatched:
+        dispatched[cfg2.block_m] = dispatch(topk_ids, dn.num_experts, cfg2.block_m)
     if isinstance(cfg1, GemvConfig):
         _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
     else:
         _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched,
-                  zero_counters=counters)  # fmt: skip
+                  zero_counters=counters, pdl=1 if pdl else 0)  # fmt: skip
     out = (torch.zeros if expert_parallel else torch.empty)(p, h, dtype=hidden.dtype, device=hidden.device)
     if not finish:
-        _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched)
+        _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched, pdl=2 if pdl else 0)
         return out.view(t, k, h).sum(dim=1)
     final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
-    _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched, finish=(final, counters, k))
+    _run_gemm(inter, out, topk_weights, topk_ids, dn, p, 1, False, True, cfg2, dispatched, finish=(final, counters, k),
+              pdl=2 if pdl else 0)  # fmt: skip
     return final
 
 
@@ -514,12 +522,26 @@ def _run_gemm(
     """The tensor-core path; one dispatch per row-block size, shared by both projections (none with
     inline_dispatch up to INLINE_DISPATCH_PAIRS pairs; beyond, the dispatch as usual). epilogue: `_gemm`'s finish /
     zero_counters."""
-    if cfg.inline_dispatch and p <= configs.INLINE_DISPATCH_PAIRS:
+    if _inline(cfg, p):
         _gemm(a, c, topk_weights, None, block, p, a_div, gated, mul_w, cfg, topk_ids, **epilogue)
         return
     if cfg.block_m not in dispatched:
         dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
     _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg, **epilogue)
+
+
+def _inline(cfg: GemmConfig, pairs: int) -> bool:
+    return cfg.inline_dispatch and pairs <= configs.INLINE_DISPATCH_PAIRS
+
+
+PDL = True  # a switch for A/B timing (runs/ scripts); the op decides per layer below it
+
+
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later NVIDIA GPUs, with Triton's grid dependency control."""
+    if interpreting() or not HAS_GDC or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def kernel_blocks(experts) -> tuple[KernelBlock, KernelBlock]:
