@@ -25,10 +25,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # Hopper's grid dependency control (Triton >= 3.4); without it the two GEMM launches run one after the other
+try:  # Hopper's grid dependency control and the launch option that uses it; without them the launches run in turn
+    import dataclasses
+
+    from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    HAS_GDC = True
+    HAS_GDC = "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
 except ImportError:  # pragma: no cover - older Triton
     HAS_GDC = False
 
