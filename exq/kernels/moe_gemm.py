@@ -22,12 +22,12 @@ prefill tiles leave it to one `sum` over the [T, k, H] result.
 
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 try:  # Hopper's grid dependency control and the launch option that uses it; without them the launches run in turn
-    import dataclasses
-
     from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 

@@ -8,6 +8,7 @@ both GEMVs as the work items of one launch (`GemvConfig.one_launch`, `moe_decode
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -407,7 +408,6 @@ def fused_moe(
     _check_config(cfg2)
     hidden = hidden.contiguous()
     topk_weights = topk_weights.reshape(-1).contiguous()
-    dispatched: dict[int, object] = {}
     inter = torch.empty(p, dn.in_features, dtype=hidden.dtype, device=hidden.device)
     if any(isinstance(c, GemvConfig) and c.one_launch for c in (cfg1, cfg2)):
         return _decode_one_launch(hidden, inter, topk_weights, topk_ids, gu, dn, cfg1, cfg2)
@@ -419,6 +419,7 @@ def fused_moe(
         if zero_nt:
             _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters, zero_nt)
         else:
+            dispatched = _dispatches(topk_ids, gu.num_experts, p, cfg1)
             _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
         final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
         _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2, counters)
@@ -432,11 +433,10 @@ def fused_moe(
         alloc = torch.zeros if isinstance(cfg1, GemvConfig) else torch.empty
         counters = alloc(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
     # the down launch starts while gate_up's last programs run and waits for gate_up's end in its first instruction
-    # (configs.PDL_MAX_BLOCK_M); it pairs with the launch just before it, so down's dispatch comes first
+    # (configs.PDL_MAX_BLOCK_M)
     pdl = PDL and isinstance(cfg1, GemmConfig) and cfg2.block_m <= configs.PDL_MAX_BLOCK_M and not expert_parallel
     pdl = pdl and not (gu.outgrows_l2 or dn.outgrows_l2) and _has_pdl(hidden.device)
-    if pdl and not _inline(cfg2, p) and cfg2.block_m not in dispatched:
-        dispatched[cfg2.block_m] = dispatch(topk_ids, dn.num_experts, cfg2.block_m)
+    dispatched = _dispatches(topk_ids, gu.num_experts, p, cfg1, cfg2)
     if isinstance(cfg1, GemvConfig):
         _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
     else:
@@ -519,14 +519,11 @@ def _check_config(cfg) -> None:
 def _run_gemm(
     a, c, topk_weights, topk_ids, block, p, a_div, gated, mul_w, cfg: GemmConfig, dispatched, **epilogue
 ) -> None:
-    """The tensor-core path; one dispatch per row-block size, shared by both projections (none with
-    inline_dispatch up to INLINE_DISPATCH_PAIRS pairs; beyond, the dispatch as usual). epilogue: `_gemm`'s finish /
-    zero_counters."""
+    """The tensor-core path: the inline dispatch up to INLINE_DISPATCH_PAIRS pairs, beyond it the row blocks of
+    `_dispatches`. epilogue: `_gemm`'s finish / zero_counters / pdl."""
     if _inline(cfg, p):
         _gemm(a, c, topk_weights, None, block, p, a_div, gated, mul_w, cfg, topk_ids, **epilogue)
         return
-    if cfg.block_m not in dispatched:
-        dispatched[cfg.block_m] = dispatch(topk_ids, block.num_experts, cfg.block_m)
     _gemm(a, c, topk_weights, dispatched[cfg.block_m], block, p, a_div, gated, mul_w, cfg, **epilogue)
 
 
@@ -534,14 +531,30 @@ def _inline(cfg: GemmConfig, pairs: int) -> bool:
     return cfg.inline_dispatch and pairs <= configs.INLINE_DISPATCH_PAIRS
 
 
-PDL = True  # a switch for A/B timing (runs/ scripts); the op decides per layer below it
+def _dispatches(topk_ids, experts: int, pairs: int, *cfgs) -> dict:
+    """One dispatch per row-block size among these configs' GEMMs, shared by both projections and all made before
+    the first GEMM launch: a programmatic dependent launch pairs with the launch just before it, so nothing may come
+    between gate_up and down."""
+    out: dict = {}
+    for cfg in cfgs:
+        if isinstance(cfg, GemmConfig) and not _inline(cfg, pairs) and cfg.block_m not in out:
+            out[cfg.block_m] = dispatch(topk_ids, experts, cfg.block_m)
+    return out
+
+
+PDL = True  # a switch for A/B timing; fused_moe decides per layer where it applies
 
 
 def _has_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper and later NVIDIA GPUs, with Triton's grid dependency control."""
-    if interpreting() or not HAS_GDC or device.type != "cuda" or torch.version.hip is not None:
+    if interpreting() or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_gpu(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _pdl_gpu(index: int) -> bool:  # once per GPU: fused_moe asks on every call
+    return HAS_GDC and torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def kernel_blocks(experts) -> tuple[KernelBlock, KernelBlock]:
