@@ -115,9 +115,8 @@ def table_fields(times: dict[str, float], plan: str, tokens: int, shape) -> dict
 def main() -> None:
     import torch
 
-    from exq.bench.kernels import config_name, graph_time_us, measure_floors, routing, touched_bytes
+    from exq.bench.kernels import config_name, graph_time_us, layer_stack, measure_floors, routing, touched_bytes
     from exq.kernels import fused_moe
-    from exq.kernels.synthetic import mixed_formats, random_experts
     from exq.kernels.tuning import packaged_tables
 
     tables = packaged_tables()
@@ -140,8 +139,7 @@ def main() -> None:
     for name in a.shapes:
         e, h, i, k = SHAPES[name]
         for plan in a.plans:
-            mods = [random_experts(e, h, i, mixed_formats(e, PLANS[plan], seed=s), device="cuda", seed=s)
-                    for s in range(8)]  # fmt: skip
+            mods = layer_stack(name, plan)
             for t in a.tokens:
                 chosen = picks(tables[a.table], name, plan, t)
                 named = {key: (config_name(c), c) for key, c in chosen.items() if c is not None}

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from exq.bench import PLANS, SHAPES
-from exq.bench.kernels import graph_time_us, measure_floors, routing, touched_bytes
+from exq.bench.kernels import graph_time_us, layer_stack, measure_floors, routing, touched_bytes
 from exq.compiler.specialize import fit_config
 from exq.fileio import atomic_write_bytes
 from exq.kernels import fused_moe, moe_op
 from exq.kernels.configs import GemmConfig
-from exq.kernels.synthetic import mixed_formats, random_experts
 from exq.kernels.tuning import config_from_dict, layer_class, packaged_tables
 
 
@@ -71,10 +70,8 @@ def main() -> None:
     floors = measure_floors()
     rows = []
     for name in a.shapes:
-        e, h, i, _ = SHAPES[name]
         for plan in a.plans:
-            mods = [random_experts(e, h, i, mixed_formats(e, PLANS[plan], seed=s), device="cuda", seed=s)
-                    for s in range(8)]  # fmt: skip
+            mods = layer_stack(name, plan)
             cls = layer_class({f for f, s in PLANS[plan].items() if s > 0})
             for t in a.tokens:
                 entry = [x for x in table["entries"] if (x["class"], x["shape"], x["tokens"]) == (cls, name, t)]

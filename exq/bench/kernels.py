@@ -196,14 +196,20 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     return list(dict.fromkeys(fit_config(c, h, i) for c in out))
 
 
-def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):
+def layer_stack(name: str, plan: str, layers: int = 8) -> list:
+    """Distinct random layers of one bench shape and plan, so a graph over them streams weights from HBM."""
     from exq.kernels.synthetic import mixed_formats, random_experts
 
+    e, h, i, _ = SHAPES[name]
+    shares = PLANS[plan]
+    return [random_experts(e, h, i, mixed_formats(e, shares, seed=s), device="cuda", seed=s) for s in range(layers)]
+
+
+def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):
     e, h, i, k = SHAPES[name]
     rows = []
     for plan in plans:
-        shares = PLANS[plan]
-        mods = [random_experts(e, h, i, mixed_formats(e, shares, seed=s), device="cuda", seed=s) for s in range(layers)]
+        mods = layer_stack(name, plan, layers)
         for t in tokens:
             x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
             routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
