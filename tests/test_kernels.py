@@ -13,7 +13,7 @@ from conftest import DEVICE
 
 from exq.errors import ExqError
 from exq.kernels import GemmConfig, GemvConfig, fused_moe
-from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_torch, max_blocks
+from exq.kernels.dispatch import dispatch, dispatch_chunked, dispatch_sorted, dispatch_torch, max_blocks
 from exq.kernels.synthetic import layout_for, mixed_formats, random_experts
 from exq.kernels.tuning import parse_bench_config
 
@@ -38,8 +38,11 @@ def brute_force_dispatch(ids: list[list[int]], experts: int, block_m: int) -> tu
 
 @pytest.mark.parametrize(
     "tokens,k,experts,block_m",
-    [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64), (431, 6, 40, 32)],
-)
+    # 1024 pairs on 256 experts: the sorted dispatch's largest case; 129 x 8: the first past it (chunked); 128-row
+    # blocks on 128 experts: 16 k padding slots, filled in several steps
+    [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64), (431, 6, 40, 32),
+     (128, 8, 256, 16), (129, 8, 64, 16), (16, 8, 128, 128)],
+)  # fmt: skip
 def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     gen = torch.Generator().manual_seed(tokens)
     # skewed routing: a few hot experts, many empty ones
@@ -48,15 +51,27 @@ def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks; chunks of 4: more
     # chunks than the prefix pass loads at once (512), more chunks than experts and the reverse
     chunked = [lambda i, e, b, c=c: dispatch_chunked(i, e, b, chunk=c) for c in (16, 4)]
-    for impl in (dispatch, dispatch_torch, *chunked):
+    for impl in (dispatch, dispatch_torch, dispatch_sorted, *chunked):
         d = impl(ids.to(DEVICE).int(), experts, block_m)
         assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want, impl.__name__
+
+
+def test_dispatch_without_tl_gather_takes_the_chunked_form(monkeypatch):
+    """A Triton without tl.gather (before 3.3) gets the same dispatch from the chunked kernels."""
+    from exq.kernels import dispatch as dispatch_mod
+
+    ids = torch.randint(0, 16, (9, 4), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    want = brute_force_dispatch(ids.tolist(), 16, 16)
+    monkeypatch.setattr(dispatch_mod, "HAS_GATHER", False)
+    monkeypatch.setattr(dispatch_mod, "dispatch_sorted", None)  # fails if called
+    d = dispatch_mod.dispatch(ids.to(DEVICE), 16, 16)
+    assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want
 
 
 def test_dispatch_drops_ids_of_other_ranks():
     ids = torch.tensor([[0, -1], [5, 1], [1, 9]], dtype=torch.int32)  # 8 local experts: -1 and 9 are not ours
     pairs, owners = brute_force_dispatch([[0, 99], [5, 1], [1, 99]], 8, 16)
-    for impl in (dispatch, dispatch_torch, lambda i, e, b: dispatch_chunked(i, e, b, chunk=4)):
+    for impl in (dispatch, dispatch_torch, dispatch_sorted, lambda i, e, b: dispatch_chunked(i, e, b, chunk=4)):
         d = impl(ids.to(DEVICE), 8, 16)
         assert d.block_expert.tolist() == owners
         assert d.sorted_pairs.tolist() == pairs
@@ -542,7 +557,6 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
     int4 = kernel_blocks(random_experts(8, 512, 256, ["int4"] * 8, device=DEVICE))[0]
     mixed = kernel_blocks(random_experts(8, 512, 256, mixed_formats(8, ALL, seed=0), device=DEVICE))[0]
     bf16 = kernel_blocks(random_experts(8, 512, 256, ["bf16"] * 8, device=DEVICE))[0]
-    assert default_config(64, 8, int4).inline_dispatch and default_config(128, 8, mixed).inline_dispatch
     assert default_config(128, 8, bf16).inline_dispatch
     monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)
     assert default_config(64, 8, int4) == GemmConfig(16, 128, 256, 4, 3)
@@ -579,8 +593,8 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert default_config(8, 8, blocks["bf16"]) == GemvConfig(64, 1, 4, 4, mma=True)
     assert default_config(8, 8, blocks["bf16"]).mma
     assert isinstance(default_config(9, 8, blocks["bf16"]), GemmConfig)
-    assert default_config(9, 8, blocks["int4"]).block_m == 16
-    assert default_config(9, 8, blocks["int4"]).inline_dispatch  # v11: no dispatch launch at small sizes
+    assert default_config(9, 8, blocks["int4"]) == GemmConfig(16, 128, 256, 4, 3)  # v27: a dispatch launch
+    assert default_config(9, 8, blocks["bf16"]).inline_dispatch  # v11: no dispatch launch at small sizes
     assert default_config(8 * 64, 8, blocks["mixed"]).block_m == 128  # small experts: 128-row tile from 48 rows
     assert default_config(8 * 40, 8, blocks["mixed"]).block_m == 32
     many = kernel_blocks(random_experts(64, 256, 128, ["int4"] * 64, device=DEVICE))[0]
@@ -588,11 +602,11 @@ def test_default_rule_picks_a_path_per_layer_kind():
     assert isinstance(default_config(64, 64, many), GemmConfig)  # E pairs: the 16-row tile wins (v13)
     assert default_config(64, 64, many).block_m == 16
     # layers with int4 experts at 16-row tiles with K a multiple of 256: two groups per K iteration, 128 columns
-    # (v14); the inline dispatch up to 256 pairs; all-bf16 layers keep 128-input steps
+    # (v14), row blocks from the dispatch launch (v27); all-bf16 layers keep 128-input steps
     wide = kernel_blocks(random_experts(64, 512, 128, ["int4"] * 64, device=DEVICE))[0]
-    assert default_config(256, 64, wide) == GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)
+    assert default_config(256, 64, wide) == GemmConfig(16, 128, 256, 4, 3)
     assert default_config(512, 64, wide) == GemmConfig(16, 128, 256, 4, 3)
-    assert default_config(9, 8, blocks["mixed"]) == GemmConfig(16, 128, 256, 4, 3, inline_dispatch=True)
+    assert default_config(9, 8, blocks["mixed"]) == GemmConfig(16, 128, 256, 4, 3)
     assert default_config(9, 8, blocks["bf16"]).block_k == 128
     # int4 at a pair or less per 8 experts: 4-group K steps when K allows them; tensor cores when K % 256 != 0
     assert default_config(8, 64, wide) == GemvConfig(32, 4, 4, 2)

@@ -175,9 +175,10 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # v14 (H100): layers with int4 experts take two groups per K iteration in 128-column tiles (bf16 / int8 experts
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
     # T = 256 too), Mixtral T = 16 / 64 303.6 / 395.8 vs 360.4 / 427.1 us; the mixed plan 3-6 % at T = 16-64 (qwen3
-    # T = 256 too). The inline dispatch up to 256 pairs, and not for experts too big for L2: its program walks an
-    # expert's row blocks one after another, which the dispatched grid runs side by side (Mixtral T = 64: 493.6
-    # inline vs 395.8 us)
+    # T = 256 too). v27: row blocks from the dispatch launch, no longer the inline dispatch (which it beat by 0.95-1.17x
+    # in v11): with the sorted one-program dispatch (2.8-4.3 us up to 512 pairs, 9-18 before) the same tiles ran
+    # 0.5-6.4 us faster than inline in 10 of 12 int4 / mixed cells at T = 16-64 on olmoe / qwen3 / DeepSeek and tied
+    # in 2 (qwen3 int4 T = 16 102.1 -> 95.7 us; docs/bench/v27/sorted_dispatch_op_h100.json)
     small = not block.outgrows_l2
     if per_expert <= 16 and block.present & {"int4", "int4-asym"} and block.in_features % 256 == 0:
         if per_expert > 8 and not small:
@@ -186,7 +187,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
             # 16-row tile, mixed 469.6 vs 499.7 (docs/bench/kernels_h100_v25_mixtral-t64.json). Experts that stay
             # in L2 keep the 16-row tile (qwen3 T = 256: 185.9 vs 193.4 us for 32 rows + 16, v24)
             return GemmConfig(32, 128, 256, 4, 3, small_m=16)
-        return GemmConfig(16, 128, 256, 4, 3, inline_dispatch=pairs <= 256 and small)
+        return GemmConfig(16, 128, 256, 4, 3)
     # v11: programs find their own pairs (no dispatch launch) up to INLINE_DISPATCH_PAIRS: 0.95-1.17x at T = 16-64
     if per_expert <= 8:  # measured (v9): 16-row blocks, 32 + 32 gate/up columns, 4 stages up to T = 64
         return GemmConfig(16, 64, 128, 4, 4, inline_dispatch=True)
