@@ -129,6 +129,31 @@ def candidates(table: dict | None):
     return pick
 
 
+def dispatch_variants(table: dict):
+    """The table's config of each cell and the same tiles with the other dispatch (inline <-> a dispatch launch) on
+    each GEMM projection: what to re-time when the dispatch itself changed (v27), without a whole sweep."""
+    from exq.kernels.configs import INLINE_DISPATCH_PAIRS
+    from exq.kernels.tuning import config_from_dict
+
+    names = {v: k for k, v in SHAPES.items()}
+
+    def flip(c, pairs: int):
+        if not isinstance(c, G) or (not c.inline_dispatch and (c.small_m or pairs > INLINE_DISPATCH_PAIRS)):
+            return c
+        return replace(c, inline_dispatch=not c.inline_dispatch)
+
+    def pick(plan: str, tokens: int, shape) -> list:
+        key, pairs = (names[shape], plan, tokens), tokens * shape[3]
+        out = []
+        for e in table["entries"]:
+            if (e.get("shape"), e["class"], e.get("tokens")) == key:
+                c = config_from_dict(e["config"])
+                out += [c, tuple(flip(x, pairs) for x in c) if isinstance(c, tuple) else flip(c, pairs)]
+        return list(dict.fromkeys(out))
+
+    return pick
+
+
 def main() -> None:
     import torch
 
@@ -142,9 +167,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--output", type=Path, default=Path("runs/bench/kernel_sweep.json"))
     ap.add_argument("--sglang-wheel", default=None, help="time SGLang's Triton int4 path too (default + tuned)")
+    ap.add_argument("--dispatch-variants", action="store_true",
+                    help="only the table's config per cell and its tiles with the other dispatch")  # fmt: skip
     a = ap.parse_args()
     table = packaged_tables().get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    run(a.shapes, a.tokens, 8, a.reps, a.sglang_wheel, a.output, tuple(a.plans), candidates(table))
+    if a.dispatch_variants and table is None:
+        raise SystemExit("--dispatch-variants re-times the tuned table's cells: this GPU has no table")
+    pick = dispatch_variants(table) if a.dispatch_variants else candidates(table)
+    run(a.shapes, a.tokens, 8, a.reps, a.sglang_wheel, a.output, tuple(a.plans), pick)
 
 
 if __name__ == "__main__":
