@@ -68,8 +68,9 @@ def test_dispatch_without_tl_gather_takes_the_chunked_form(monkeypatch):
     assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want
 
 
-def test_dispatch_drops_ids_of_other_ranks():
-    ids = torch.tensor([[0, -1], [5, 1], [1, 9]], dtype=torch.int32)  # 8 local experts: -1 and 9 are not ours
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_dispatch_drops_ids_of_other_ranks(dtype):
+    ids = torch.tensor([[0, -1], [5, 1], [1, 9]], dtype=dtype)  # 8 local experts: -1 and 9 are not ours
     pairs, owners = brute_force_dispatch([[0, 99], [5, 1], [1, 99]], 8, 16)
     for impl in (dispatch, dispatch_torch, dispatch_sorted, lambda i, e, b: dispatch_chunked(i, e, b, chunk=4)):
         d = impl(ids.to(DEVICE), 8, 16)
@@ -370,8 +371,9 @@ def test_op_needs_no_fresh_memory_and_replays_in_a_cuda_graph(monkeypatch, cfg):
 )
 def test_down_launched_early_gives_the_same_bits(config, monkeypatch):
     """On Hopper the down GEMM is a programmatic dependent of gate_up (v26): launched while gate_up runs, it waits
-    for gate_up's end before its first access. The same bits as the two launches in order, eagerly and replayed in
-    a CUDA graph on new routing; on CPU (the interpreter) the launches stay in order."""
+    for gate_up's end before its first access; so is gate_up of the one-launch dispatch before it (v27). The same
+    bits as the launches in order, eagerly and replayed in a CUDA graph on new routing; on CPU (the interpreter) the
+    launches stay in order."""
     from exq.kernels import moe_op
 
     experts, hidden, inter, k = 16, 512, 256, 4
@@ -383,6 +385,9 @@ def test_down_launched_early_gives_the_same_bits(config, monkeypatch):
         assert not moe_op._has_pdl(x.device)
         return
     assert moe_op._has_pdl(x.device) == (torch.cuda.get_device_capability()[0] >= 9)
+    cfgs = config if isinstance(config, tuple) else (config,)
+    made = list(moe_op._dispatches(ids, experts, ids.numel(), *cfgs, pdl=True).values())
+    assert [d.pdl for d in made] == [False] * (len(made) - 1) + [True] * bool(made)  # only the one before gate_up
     monkeypatch.setattr(moe_op, "PDL", False)
     assert torch.equal(fused_moe(x, w, ids, mod, config=config), out)
     monkeypatch.setattr(moe_op, "PDL", True)

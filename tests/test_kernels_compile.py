@@ -65,6 +65,27 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
         "all",
         {"PDL": 2, "GATED": False, "MUL_W": True, "A_DIV": 1, "FINISH_K": 8, "_PTX": "griddepcontrol.wait"},
     ),
+    # v27: gate_up launched early after the one-launch dispatch, letting down start early in turn: both instructions
+    "decode gate_up tile launched early, down may launch early": (
+        "gemm",
+        16,
+        128,
+        256,
+        4,
+        "int4",
+        {"PDL": 3, "_PTX": ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]},
+    ),
+    "sorted dispatch, gate_up may launch early": (
+        "dispatch",
+        16,
+        0,
+        0,
+        4,
+        "",
+        {"PDL": True, "_PTX": "griddepcontrol.launch_dependents"},
+    ),
+    "sorted dispatch, 1024 pairs on 256 experts": ("dispatch", 16, 0, 0, 4, "", {"PP": 1024, "EP": 512, "NBP": 2048}),
+    "sorted dispatch, int64 ids": ("dispatch", 32, 0, 0, 4, "", {"_PTRS": {"ids_ptr": "*i64"}}),
     "prefill gate_up tile zeroing the counters": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ZCH": 64}),
     "prefill down tile, top-k sum in the epilogue": (
         "gemm",
@@ -91,7 +112,7 @@ import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from exq.kernels import moe_gemm, moe_gemv
+from exq.kernels import dispatch, moe_gemm, moe_gemv
 
 PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
@@ -109,10 +130,10 @@ FORMATS = {"int4": dict(HAS_BF16=False, HAS_INT8=False, HAS_INT4=True, HAS_INT4_
                         HAS_INT3_ASYM=True)}
 MAGIC = dict(DT=tl.bfloat16, MAGIC_BITS=0x4300, MAGIC_BASE=128, PTX=True)
 
-def compile_sm90(fn, consts, warps):
+def compile_sm90(fn, consts, warps, ptrs=PTRS):
     names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else PTRS.get(n, "i32") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in PTRS}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptrs}
     src = ASTSource(fn, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
 
@@ -128,15 +149,23 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         consts = dict(H=2048, INTER=1024, A_BF16=True, TOP_K=8, KP=8, BN1=bn, GPS1=bk // 128, MMA1=True, ONE1=-1,
                       BN2=bn, GPS2=1, MMA2=True, ONE2=-1, TICKET=False, SORT_PP=0)
         has = {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}  # each projection's HAS_*
+    elif kind == "dispatch":
+        fn = dispatch._dispatch_sorted
+        consts = dict(BLOCK_M=bm, PP=512, EP=128, NBP=128, FILL=2048, PDL=False)
     else:
         fn = moe_gemv.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
                       TOP_K=8, KSP=8, ZERO_NT=32, ZERO_NTP=32, MMA=True, ONE_FORMAT=-1)
-    consts |= MAGIC | (has if kind == "decode" else FORMATS[fmts]) | flags
-    need = consts.pop("_PTX", None)  # an instruction the variant must compile to
+    if kind != "dispatch":
+        consts |= MAGIC | (has if kind == "decode" else FORMATS[fmts])
+    consts |= flags
+    need = consts.pop("_PTX", [])  # instructions the variant must compile to
+    need = [need] if isinstance(need, str) else need
+    ptrs = PTRS | consts.pop("_PTRS", {})  # pointer types other than the op's
     try:
-        k = compile_sm90(fn, consts, warps)
-        out[name] = "ok" if k.asm["cubin"] and (need is None or need in k.asm["ptx"]) else f"no cubin or no {need}"
+        k = compile_sm90(fn, consts, warps, ptrs)
+        missing = [n for n in need if n not in k.asm["ptx"]]
+        out[name] = "ok" if k.asm["cubin"] and not missing else f"no cubin or no {missing}"
     except Exception as err:  # the compiler's message is the test's failure message
         out[name] = f"{type(err).__name__}: {str(err)[-1500:]}"
 print(json.dumps(out))

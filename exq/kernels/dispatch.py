@@ -27,6 +27,7 @@ class Dispatch:
     sorted_pairs: torch.Tensor  # int32 [max_blocks * block_m]
     block_expert: torch.Tensor  # int32 [max_blocks]
     block_m: int
+    pdl: bool = False  # its launch lets the next one start early (a programmatic dependent that waits first)
 
     @property
     def num_blocks(self) -> int:
@@ -62,19 +63,24 @@ def dispatch_torch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispat
 
 
 if triton is not None:
+    from exq.kernels.moe_gemm import gdc_launch_dependents
 
     @triton.jit
     def _dispatch_sorted(
         ids_ptr, sorted_ptr, block_expert_ptr, P, E, NB,
         BLOCK_M: tl.constexpr, PP: tl.constexpr, EP: tl.constexpr, NBP: tl.constexpr, FILL: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One program: the pairs sorted by (expert, pair) as one key each, so a pair's slot is its sorted position
         plus its expert's offset (first block x BLOCK_M - pairs of lower experts), one gather of EP values. Work
         O(P log^2 P + EP + NB * BLOCK_M) where the one-hot rank it replaced was O(P x EP): v27 (H100, one launch in
         a CUDA graph) 2.8 / 4.1 us at 128 / 512 pairs on 64 experts, 3.2 / 4.3 on 128, where that took 9.6 / 8.6 and
-        17.6 / 11.9 (512 pairs: the three-launch chunked form)."""
+        17.6 / 11.9 (512 pairs: the three-launch chunked form). PDL: the next launch (gate_up) may start now; it
+        waits for this one's end before it reads anything."""
+        if PDL:
+            gdc_launch_dependents()
         p = tl.arange(0, PP)
-        e = tl.load(ids_ptr + p, mask=p < P, other=-1)
+        e = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int32)  # int64 ids: the sm_90 histogram takes int32
         e = tl.where((e < 0) | (e >= E), E, e)  # bucket E: dropped ids and the lanes past P, sorted last
         key = tl.sort(e * PP + p)
         se = key // PP
@@ -174,16 +180,18 @@ SORTED_MAX_PAIRS = 1024
 HAS_GATHER = triton is not None and hasattr(tl, "gather")
 
 
-def dispatch_sorted(topk_ids: torch.Tensor, experts: int, block_m: int, num_warps: int = 4) -> Dispatch:
-    """One launch of `_dispatch_sorted`."""
+def dispatch_sorted(
+    topk_ids: torch.Tensor, experts: int, block_m: int, num_warps: int = 4, pdl: bool = False
+) -> Dispatch:
+    """One launch of `_dispatch_sorted`; pdl: the next launch may start early (Hopper, a programmatic dependent)."""
     p = topk_ids.numel()
     nb = max_blocks(p, experts, block_m)
     sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)
     _dispatch_sorted[(1,)](topk_ids.reshape(-1), sorted_pairs, block_expert, p, experts, nb, BLOCK_M=block_m,
                            PP=next_pow2(max(p, 16)), EP=next_pow2(experts + 1), NBP=next_pow2(nb),
-                           FILL=min(2048, next_pow2(nb * block_m)), num_warps=num_warps)  # fmt: skip
-    return Dispatch(sorted_pairs, block_expert, block_m)
+                           FILL=min(2048, next_pow2(nb * block_m)), PDL=pdl, num_warps=num_warps)  # fmt: skip
+    return Dispatch(sorted_pairs, block_expert, block_m, pdl)
 
 
 def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: int = 64) -> Dispatch:
@@ -208,13 +216,14 @@ def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: 
     return Dispatch(sorted_pairs, block_expert, block_m)
 
 
-def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
-    """One kernel launch for decode-sized batches (what dominates at 1-128 tokens), three beyond."""
+def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int, pdl: bool = False) -> Dispatch:
+    """One kernel launch for decode-sized batches (what dominates at 1-128 tokens), three beyond. pdl: let the next
+    launch start early where the one-launch form runs (the result's `pdl` says whether it did)."""
     if triton is None or not (topk_ids.is_cuda or interpreting()):
         return dispatch_torch(topk_ids, experts, block_m)
     if topk_ids.numel() > SORTED_MAX_PAIRS or not HAS_GATHER:
         return dispatch_chunked(topk_ids, experts, block_m)
-    return dispatch_sorted(topk_ids, experts, block_m)
+    return dispatch_sorted(topk_ids, experts, block_m, pdl=pdl)
 
 
 def interpreting() -> bool:

@@ -412,9 +412,9 @@ def moe_gemm_kernel(
     bits as summing C afterwards, deterministic, and no program waits on another. ZCH > 0 (gate_up, which always
     runs just before the down launch): programs zero ZCH counters each, ZERO_CNT in all, so no memset is needed.
 
-    PDL (Hopper's programmatic dependent launch, v26): 1 = gate_up lets the next launch start once all its programs
-    have; 2 = that down launch's programs take the SMs gate_up's last ones leave free and wait for gate_up's end
-    (and its writes) before their first access.
+    PDL (Hopper's programmatic dependent launch, bits): 1 = gate_up lets the next launch start once all its programs
+    have (v26); 2 = a launch started early: down's programs take the SMs gate_up's last ones leave free (v26), or
+    gate_up's those of the dispatch (v27), and wait for that launch's end (and its writes) before their first access.
     """
     # v12: a 1-D grid, column tiles fastest. The tiles of one row block (of one expert, inline) run together: its A
     # rows come from HBM once and then from L2 (T = 4096: down's A is 67 MB for olmoe, re-read per column tile in
@@ -424,10 +424,10 @@ def moe_gemm_kernel(
     # column tile together, so a weight tile is read once from HBM for all of them
     n_tiles: tl.constexpr = (N // 2 + BN // 2 - 1) // (BN // 2) if GATED else (N + BN - 1) // BN
     pid = tl.program_id(0)
-    if PDL == 1:  # gate_up: the down launch may start (and wait below) once every program here has
+    if PDL & 2:  # launched early (down after gate_up, gate_up after the dispatch): nothing is read or written
+        gdc_wait()  # before the launch just before has ended
+    if PDL & 1:  # gate_up: the down launch may start (and wait) once every program here has
         gdc_launch_dependents()
-    if PDL == 2:  # down, launched early: nothing is read or written before gate_up has ended
-        gdc_wait()
     if ZCH > 0:
         z = pid * ZCH + tl.arange(0, ZCH)
         tl.store(cnt_ptr + z, tl.zeros((ZCH,), tl.int32), mask=z < ZERO_CNT)
