@@ -74,7 +74,7 @@ if triton is not None:
         """One program: the pairs sorted by (expert, pair) as one key each, so a pair's slot is its sorted position
         plus its expert's offset (first block x BLOCK_M - pairs of lower experts), one gather of EP values. Work
         O(P log^2 P + EP + NB * BLOCK_M) where the one-hot rank it replaced was O(P x EP): v27 (H100, one launch in
-        a CUDA graph) 2.8 / 4.1 us at 128 / 512 pairs on 64 experts, 3.2 / 4.3 on 128, where that took 9.6 / 8.6 and
+        a CUDA graph) 2.9 / 4.0 us at 128 / 512 pairs on 64 experts, 3.2 / 4.7 on 128, where that took 9.6 / 8.6 and
         17.6 / 11.9 (512 pairs: the three-launch chunked form). PDL: the next launch (gate_up) may start now; it
         waits for this one's end before it reads anything."""
         if PDL:

@@ -176,7 +176,7 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     # keep 128-input steps inside them): int4 2-7 % under the one-group tiles at T = 16-64 on olmoe / qwen3 (qwen3
     # T = 256 too), Mixtral T = 16 / 64 303.6 / 395.8 vs 360.4 / 427.1 us; the mixed plan 3-6 % at T = 16-64 (qwen3
     # T = 256 too). v27: row blocks from the dispatch launch, no longer the inline dispatch (which it beat by 0.95-1.17x
-    # in v11): with the sorted one-program dispatch (2.8-4.3 us up to 512 pairs, 9-18 before) the same tiles ran
+    # in v11): with the sorted one-program dispatch (2.9-5.2 us up to 512 pairs, 8.6-40 before) the same tiles ran
     # 0.5-6.4 us faster than inline in 10 of 12 int4 / mixed cells at T = 16-64 on olmoe / qwen3 / DeepSeek and tied
     # in 2 (qwen3 int4 T = 16 102.1 -> 95.7 us; docs/bench/v27/sorted_dispatch_op_h100.json)
     small = not block.outgrows_l2
