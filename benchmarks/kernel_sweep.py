@@ -102,19 +102,23 @@ BY_TOKENS = {  # the rows per expert decide; these are the configs that won or c
 }  # fmt: skip
 
 
-def candidates(table: dict | None):
-    from exq.compiler.specialize import fit_config
+def table_configs(table: dict | None, plan: str, tokens: int, shape) -> list:
+    """The tuned table's config of one bench cell (none without a table or entry)."""
     from exq.kernels.tuning import config_from_dict
 
-    names = {v: k for k, v in SHAPES.items()}
+    if table is None:
+        return []
+    key = (next(n for n, s in SHAPES.items() if s == shape), plan, tokens)
+    return [config_from_dict(e["config"]) for e in table["entries"]
+            if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
+
+
+def candidates(table: dict | None):
+    from exq.compiler.specialize import fit_config
 
     def pick(plan: str, tokens: int, shape) -> list:
         _, h, i, _ = shape
-        out = []
-        if table is not None:
-            key = (names[shape], plan, tokens)
-            out += [config_from_dict(e["config"]) for e in table["entries"]
-                    if (e.get("shape"), e["class"], e.get("tokens")) == key]  # fmt: skip
+        out = table_configs(table, plan, tokens, shape)
         near = min(BY_TOKENS, key=lambda t: abs(t - tokens))
         # v22: tensor-core row blocks at decode sizes too; experts too big for L2 shared by several pairs (Mixtral at
         # T = 4) are read once per row block there, once per pair by the GEMVs
@@ -133,9 +137,6 @@ def dispatch_variants(table: dict):
     """The table's config of each cell and the same tiles with the other dispatch (inline <-> a dispatch launch) on
     each GEMM projection: what to re-time when the dispatch itself changed (v27), without a whole sweep."""
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
-    from exq.kernels.tuning import config_from_dict
-
-    names = {v: k for k, v in SHAPES.items()}
 
     def flip(c, pairs: int):
         if not isinstance(c, G) or (not c.inline_dispatch and (c.small_m or pairs > INLINE_DISPATCH_PAIRS)):
@@ -143,12 +144,10 @@ def dispatch_variants(table: dict):
         return replace(c, inline_dispatch=not c.inline_dispatch)
 
     def pick(plan: str, tokens: int, shape) -> list:
-        key, pairs = (names[shape], plan, tokens), tokens * shape[3]
+        pairs = tokens * shape[3]
         out = []
-        for e in table["entries"]:
-            if (e.get("shape"), e["class"], e.get("tokens")) == key:
-                c = config_from_dict(e["config"])
-                out += [c, tuple(flip(x, pairs) for x in c) if isinstance(c, tuple) else flip(c, pairs)]
+        for c in table_configs(table, plan, tokens, shape):
+            out += [c, tuple(flip(x, pairs) for x in c) if isinstance(c, tuple) else flip(c, pairs)]
         return list(dict.fromkeys(out))
 
     return pick

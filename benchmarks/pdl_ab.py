@@ -23,7 +23,6 @@ from exq.bench.kernels import graph_time_us, layer_stack, measure_floors, routin
 from exq.compiler.specialize import fit_config
 from exq.fileio import atomic_write_bytes
 from exq.kernels import fused_moe, moe_op
-from exq.kernels.configs import GemmConfig
 from exq.kernels.tuning import config_from_dict, layer_class, packaged_tables
 
 
@@ -32,8 +31,7 @@ def cell(name: str, plan: str, t: int, mods, entry, floors, rounds: int) -> dict
     cfg = fit_config(config_from_dict(entry["config"]), h, i)
     c1, c2 = cfg if isinstance(cfg, tuple) else (cfg, cfg)
     gu, dn = moe_op.kernel_blocks(mods[0])
-    applies = isinstance(c1, GemmConfig) and isinstance(c2, GemmConfig) and c2.block_m <= moe_op.configs.PDL_MAX_BLOCK_M
-    applies = applies and not (gu.outgrows_l2 or dn.outgrows_l2) and moe_op._has_pdl(torch.device("cuda"))
+    applies = moe_op._pdl_edges(c1, c2, gu, dn, torch.device("cuda"))[0]
     routes = [routing(t, e, k, seed=1000 * t + s) for s in range(len(mods))]
     xs = [torch.randn(t, h, dtype=torch.bfloat16, device="cuda") for _ in mods]
     floor = statistics.mean(touched_bytes(m, r[1], h, i) for m, r in zip(mods, routes, strict=True))

@@ -433,14 +433,7 @@ def fused_moe(
     if finish:  # zeroed by a gate_up GEMM launch, by torch before a GEMV one
         alloc = torch.zeros if isinstance(cfg1, GemvConfig) else torch.empty
         counters = alloc(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
-    # the down launch starts while gate_up's last programs run and waits for gate_up's end in its first instruction
-    # (configs.PDL_MAX_BLOCK_M)
-    pdl = PDL and isinstance(cfg1, GemmConfig) and cfg2.block_m <= configs.PDL_MAX_BLOCK_M and not expert_parallel
-    pdl = pdl and not (gu.outgrows_l2 or dn.outgrows_l2) and _has_pdl(hidden.device)
-    # gate_up launched early after the one-launch dispatch, waiting for its end first (v27: 0.3-0.8 % at T = 16-64
-    # on olmoe / qwen3 / DeepSeek; Mixtral -0.2 to +1.1 %, so not for experts that outgrow L2)
-    early = PDL and PDL_DISPATCH and isinstance(cfg1, GemmConfig) and _has_pdl(hidden.device)
-    early = early and not (gu.outgrows_l2 or dn.outgrows_l2)
+    pdl, early = _pdl_edges(cfg1, cfg2, gu, dn, hidden.device, expert_parallel)
     dispatched = _dispatches(topk_ids, gu.num_experts, p, cfg1, cfg2, pdl=early)
     early = early and any(d.pdl for d in dispatched.values())
     if isinstance(cfg1, GemvConfig):
@@ -547,6 +540,17 @@ def _dispatches(topk_ids, experts: int, pairs: int, *cfgs, pdl: bool = False) ->
 
 PDL = True  # a switch for A/B timing; fused_moe decides per layer where it applies
 PDL_DISPATCH = True  # the same for gate_up launched early after the one-launch dispatch (v27)
+
+
+def _pdl_edges(cfg1, cfg2, gu: KernelBlock, dn: KernelBlock, device, expert_parallel: bool = False):
+    """Which launches of a tensor-core layer start early on Hopper, each waiting for the launch before it in its
+    first instruction: (down after gate_up, v26, for row blocks up to configs.PDL_MAX_BLOCK_M; gate_up after the
+    one-launch dispatch, v27: 0.3-0.8 % at T = 16-64 on olmoe / qwen3 / DeepSeek). Neither for experts that outgrow
+    L2 (Mixtral: up to 1.3 / 1.1 % slower)."""
+    if not (PDL and isinstance(cfg1, GemmConfig) and _has_pdl(device)) or gu.outgrows_l2 or dn.outgrows_l2:
+        return False, False
+    down = isinstance(cfg2, GemmConfig) and cfg2.block_m <= configs.PDL_MAX_BLOCK_M and not expert_parallel
+    return down, PDL_DISPATCH
 
 
 def _has_pdl(device: torch.device) -> bool:
