@@ -834,6 +834,68 @@ def test_kernel_sweep_candidates_are_valid_for_every_shape():
     assert pairs_seen  # the per-projection pairs (e.g. one launch with 128-column down items) are among them
 
 
+def test_kernel_sweep_dispatch_variants_pair_each_table_config_with_the_other_dispatch():
+    """--dispatch-variants: per table cell its config and the same tiles with the other dispatch on every GEMM
+    projection; never the inline dispatch with small_m or past INLINE_DISPATCH_PAIRS (the op rejects / ignores it)."""
+    import importlib.util
+    from pathlib import Path
+
+    from exq.bench import SHAPES
+    from exq.kernels.configs import INLINE_DISPATCH_PAIRS
+    from exq.kernels.moe_op import _check_config
+
+    spec = importlib.util.spec_from_file_location(
+        "kernel_sweep", Path(__file__).parents[1] / "benchmarks/kernel_sweep.py"
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    inline, plain = GemmConfig(16, 64, 128, 4, 2, inline_dispatch=True), GemmConfig(16, 64, 128, 4, 2)
+    blocked = GemmConfig(32, 64, 128, 4, 2, small_m=16)
+    entry = {"shape": "olmoe-1b-7b", "class": "int4", "tokens": 16}
+    table = {"entries": [
+        {**entry, "config": {"kind": "gemm", **inline.as_dict(), "down": {"kind": "gemm", **blocked.as_dict()}}},
+        {**entry, "tokens": 64, "config": {"kind": "gemm", **plain.as_dict()}},
+        {**entry, "tokens": 256, "config": {"kind": "gemv", **GemvConfig(64, 2, 4, 3).as_dict()}},
+    ]}  # fmt: skip
+    pick = sweep.dispatch_variants(table)
+    olmoe = SHAPES["olmoe-1b-7b"]
+    assert pick("int4", 16, olmoe) == [(inline, blocked), (plain, blocked)]
+    assert pick("int4", 64, olmoe) == [plain, inline]
+    assert pick("int4", 256, olmoe) == [GemvConfig(64, 2, 4, 3)]  # no GEMM: nothing to flip
+    assert pick("mixed", 16, olmoe) == [] and pick("int4", 16, SHAPES["qwen3-30b-a3b"]) == []
+    many = INLINE_DISPATCH_PAIRS // olmoe[3] + 1  # past the inline limit: dispatched rows stay dispatched
+    table["entries"][1]["tokens"] = many
+    assert pick("int4", many, olmoe) == [plain]
+    for c in (inline, plain, blocked):
+        _check_config(c)
+
+
+def test_pdl_edges_only_on_hopper_tiles_whose_experts_stay_in_l2(monkeypatch):
+    """Which launches start early (v26 / v27): down after gate_up for row blocks up to PDL_MAX_BLOCK_M without
+    expert parallelism, gate_up after the one-launch dispatch; neither with a GEMV gate_up, for experts that outgrow
+    L2, off either switch, or without PDL on the device (the interpreter)."""
+    from exq.kernels import configs, moe_op
+
+    small = moe_op.kernel_blocks(random_experts(8, 256, 128, ["int4"] * 8))
+    tile, big_rows = GemmConfig(16, 64, 128, 4, 2), GemmConfig(128, 64, 64, 8, 2)
+    cpu = torch.device("cpu")
+    assert moe_op._pdl_edges(tile, tile, *small, cpu) == (False, False)  # no PDL under the interpreter / on CPU
+    monkeypatch.setattr(moe_op, "_has_pdl", lambda device: True)
+    assert moe_op._pdl_edges(tile, tile, *small, cpu) == (True, True)
+    assert moe_op._pdl_edges(tile, big_rows, *small, cpu) == (big_rows.block_m <= configs.PDL_MAX_BLOCK_M, True)
+    assert moe_op._pdl_edges(tile, tile, *small, cpu, expert_parallel=True) == (False, True)
+    assert moe_op._pdl_edges(GemvConfig(64, 2, 4, 3), tile, *small, cpu) == (False, False)
+    monkeypatch.setattr(moe_op, "PDL_DISPATCH", False)
+    assert moe_op._pdl_edges(tile, tile, *small, cpu) == (True, False)
+    monkeypatch.setattr(moe_op, "PDL", False)
+    assert moe_op._pdl_edges(tile, tile, *small, cpu) == (False, False)
+    monkeypatch.setattr(moe_op, "PDL", True)
+    monkeypatch.setattr(moe_op, "PDL_DISPATCH", True)
+    monkeypatch.setattr(configs, "GROUP_WEIGHT_BYTES", 0)  # every expert outgrows L2 (Mixtral's case)
+    big = moe_op.kernel_blocks(random_experts(8, 256, 128, ["int4"] * 8))
+    assert big[0].outgrows_l2 and moe_op._pdl_edges(tile, tile, *big, cpu) == (False, False)
+
+
 def test_bench_refines_decode_configs_per_projection():
     """The sweep's decode refinement: each GEMV candidate for one projection against the best on the other, then the
     pair of the two winners (a made-up timer whose best gate_up and down tiles differ)."""
