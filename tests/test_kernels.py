@@ -38,10 +38,11 @@ def brute_force_dispatch(ids: list[list[int]], experts: int, block_m: int) -> tu
 
 @pytest.mark.parametrize(
     "tokens,k,experts,block_m",
-    # 1024 pairs on 256 experts: the sorted dispatch's largest case; 129 x 8: the first past it (chunked); 128-row
-    # blocks on 128 experts: 16 k padding slots, filled in several steps
+    # `dispatch` sorts one program's worth up to 512 pairs (64 x 8), chunks in one launch up to 2048 (300 x 6,
+    # 128 x 8 on 256 experts: two chunks, 129 x 8: a partial third), three launches beyond (431 x 6, 257 x 8);
+    # 128-row blocks on 128 experts: 16 k padding slots, filled in several steps
     [(1, 8, 64, 16), (7, 2, 8, 16), (33, 4, 16, 16), (64, 8, 128, 32), (300, 6, 24, 64), (431, 6, 40, 32),
-     (128, 8, 256, 16), (129, 8, 64, 16), (16, 8, 128, 128)],
+     (128, 8, 256, 16), (129, 8, 64, 16), (257, 8, 64, 16), (16, 8, 128, 128)],
 )  # fmt: skip
 def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     gen = torch.Generator().manual_seed(tokens)
@@ -51,7 +52,9 @@ def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks; chunks of 4: more
     # chunks than the prefix pass loads at once (512), more chunks than experts and the reverse
     chunked = [lambda i, e, b, c=c: dispatch_chunked(i, e, b, chunk=c) for c in (16, 4)]
-    for impl in (dispatch, dispatch_torch, dispatch_sorted, *chunked):
+    # chunks of 64 sorted side by side: one to 38 chunks, a partial last one, experts spanning chunks
+    chunk_sorted = lambda i, e, b: dispatch_sorted(i, e, b, chunk=64)  # noqa: E731
+    for impl in (dispatch, dispatch_torch, dispatch_sorted, chunk_sorted, *chunked):
         d = impl(ids.to(DEVICE).int(), experts, block_m)
         assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want, impl.__name__
 
@@ -66,6 +69,35 @@ def test_dispatch_without_tl_gather_takes_the_chunked_form(monkeypatch):
     monkeypatch.setattr(dispatch_mod, "dispatch_sorted", None)  # fails if called
     d = dispatch_mod.dispatch(ids.to(DEVICE), 16, 16)
     assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want
+
+
+def test_chunk_sorted_dispatch_resets_its_ticket_for_the_next_call(monkeypatch):
+    """Past SORTED_MAX_PAIRS `dispatch` sorts chunks side by side in one launch; the program that draws the last
+    ticket places every pair and zeroes the ticket, so calls with other chunk counts follow on the same word. In
+    the op the layer's counters hold the ticket."""
+    from exq.kernels import dispatch as dispatch_mod
+
+    monkeypatch.setattr(dispatch_mod, "SORTED_MAX_PAIRS", 32)
+    monkeypatch.setattr(dispatch_mod, "SORT_CHUNK", 16)
+    monkeypatch.setattr(dispatch_mod, "CHUNKED_SORT_MAX_PAIRS", 128)
+    monkeypatch.setattr(dispatch_mod, "dispatch_chunked", None)  # fails if called
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(11)
+    for tokens, k, experts in [(10, 4, 8), (31, 4, 16), (5, 2, 8), (17, 6, 12)]:  # 3, 8, 1 and 7 chunks
+        ids = torch.randint(-1, experts, (tokens, k), generator=gen)  # -1: another rank's expert
+        want = brute_force_dispatch([[e % (experts + 99) for e in row] for row in ids.tolist()], experts, 16)
+        d = dispatch_mod.dispatch(ids.to(DEVICE), experts, 16, ticket=ticket)
+        assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want
+        assert ticket.item() == 0
+    with pytest.raises(ValueError, match="power of two"):
+        dispatch_mod.dispatch_sorted(ids.to(DEVICE), experts, 16, chunk=24)
+    experts, hidden, inter, k = 8, 256, 128, 4
+    mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=12), device=DEVICE, seed=12)
+    for tokens in (24, 9):  # 96 pairs: 6 chunks; 36 pairs: 3 chunks
+        x, w, ids = routing(tokens, experts, k, 60 + tokens, hidden, torch.bfloat16)
+        out = fused_moe(x, w, ids, mod, config=GemmConfig(16, 64, 128, 4, 2))
+        assert rel_err(out, reference(x, w, ids, mod)) < 1e-2
+        assert mod._kernel_blocks[0].counters(1)[0].item() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
@@ -386,7 +418,7 @@ def test_down_launched_early_gives_the_same_bits(config, monkeypatch):
         return
     assert moe_op._has_pdl(x.device) == (torch.cuda.get_device_capability()[0] >= 9)
     cfgs = config if isinstance(config, tuple) else (config,)
-    made = list(moe_op._dispatches(ids, experts, ids.numel(), *cfgs, pdl=True).values())
+    made = list(moe_op._dispatches(ids, moe_op.kernel_blocks(mod)[0], ids.numel(), *cfgs, pdl=True).values())
     assert [d.pdl for d in made] == [False] * (len(made) - 1) + [True] * bool(made)  # only the one before gate_up
     monkeypatch.setattr(moe_op, "PDL", False)
     assert torch.equal(fused_moe(x, w, ids, mod, config=config), out)

@@ -86,6 +86,26 @@ VARIANTS = {  # name -> (kernel, block_m, block_n, block_k, warps, formats, flag
     ),
     "sorted dispatch, 1024 pairs on 256 experts": ("dispatch", 16, 0, 0, 4, "", {"PP": 1024, "EP": 512, "NBP": 2048}),
     "sorted dispatch, int64 ids": ("dispatch", 32, 0, 0, 4, "", {"_PTRS": {"ids_ptr": "*i64"}}),
+    # 2 chunks sorted side by side (the tile dispatch.chunk_tile gives), the last program's ticket (one thread's
+    # acquire-release atomic) and its L1-bypassing reads of the other chunks' keys and counts
+    "chunk-sorted dispatch, the last program places every chunk": (
+        "dispatch",
+        16,
+        0,
+        0,
+        8,
+        "",
+        {"CHUNKS": True, "_TILE": (2, 64), "NBP": 1024, "_PTX": ["atom.global.gpu.acq_rel.add", "ld.global.cg"]},
+    ),
+    "chunk-sorted dispatch, 8 experts in 2 chunks (failed on Triton 3.6 with a 16-column tile)": (
+        "dispatch",
+        128,
+        0,
+        0,
+        4,
+        "",
+        {"CHUNKS": True, "_TILE": (2, 8), "NBP": 16},
+    ),
     "prefill gate_up tile zeroing the counters": ("gemm", 128, 128, 64, 8, "int4", {"FOLD": True, "ZCH": 64}),
     "prefill down tile, top-k sum in the epilogue": (
         "gemm",
@@ -118,7 +138,8 @@ PTRS = {"a_ptr": "*bf16", "a32_ptr": "*i32", "c_ptr": "*bf16", "out_ptr": "*bf16
         "topk_w_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "fs_ptr": "*i32",
         "w16": "*bf16", "w8": "*u8", "s8": "*fp16", "w4": "*u8", "s4": "*fp16", "wa": "*u8",
         "sa": "*fp16", "za": "*u8", "w3": "*i32", "s3": "*fp16", "w3a": "*i32", "s3a": "*fp16", "z3a": "*u8",
-        "mid_ptr": "*bf16", "mid32_ptr": "*i32", "sync_ptr": "*i32", "fs1": "*i32", "fs2": "*i32"}
+        "mid_ptr": "*bf16", "mid32_ptr": "*i32", "keys_ptr": "*i32", "counts_ptr": "*i32", "ticket_ptr": "*i32",
+        "sync_ptr": "*i32", "fs1": "*i32", "fs2": "*i32"}
 for pre in ("g", "d"):  # moe_decode_kernel: gate_up's slabs, then down's
     PTRS |= {pre + (n[1:] if n[0] == "w" else n): PTRS[n]
              for n in "w16 w8 s8 w4 s4 wa sa za w3 s3 w3a s3a z3a".split()}
@@ -151,7 +172,7 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
         has = {p + k[4:]: v for k, v in FORMATS[fmts].items() for p in ("G_", "D_")}  # each projection's HAS_*
     elif kind == "dispatch":
         fn = dispatch._dispatch_sorted
-        consts = dict(BLOCK_M=bm, PP=512, EP=128, NBP=128, FILL=2048, PDL=False)
+        consts = dict(BLOCK_M=bm, PP=512, EP=128, NBP=128, FILL=2048, PDL=False, CHUNKS=False)
     else:
         fn = moe_gemv.moe_gemv_kernel
         consts = dict(N=2048, K=2048, A_BF16=True, A_DIV=8, GATED=True, MUL_W=False, BN=bn, GPS=1, SPLIT=1,
@@ -159,6 +180,8 @@ for name, (kind, bm, bn, bk, warps, fmts, flags) in json.loads(sys.argv[1]).item
     if kind != "dispatch":
         consts |= MAGIC | (has if kind == "decode" else FORMATS[fmts])
     consts |= flags
+    if "_TILE" in consts:  # (chunks, experts): the chunk tile dispatch_sorted launches with
+        consts["NCHP"], consts["EP"] = dispatch.chunk_tile(*consts.pop("_TILE"), warps)
     need = consts.pop("_PTX", [])  # instructions the variant must compile to
     need = [need] if isinstance(need, str) else need
     ptrs = PTRS | consts.pop("_PTRS", {})  # pointer types other than the op's

@@ -67,39 +67,77 @@ if triton is not None:
 
     @triton.jit
     def _dispatch_sorted(
-        ids_ptr, sorted_ptr, block_expert_ptr, P, E, NB,
+        ids_ptr, sorted_ptr, block_expert_ptr, keys_ptr, counts_ptr, ticket_ptr, P, E, NB,
         BLOCK_M: tl.constexpr, PP: tl.constexpr, EP: tl.constexpr, NBP: tl.constexpr, FILL: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, CHUNKS: tl.constexpr = False, NCHP: tl.constexpr = 1,
     ):  # fmt: skip
-        """One program: the pairs sorted by (expert, pair) as one key each, so a pair's slot is its sorted position
-        plus its expert's offset (first block x BLOCK_M - pairs of lower experts), one gather of EP values. Work
-        O(P log^2 P + EP + NB * BLOCK_M) where the one-hot rank it replaced was O(P x EP): v27 (H100, one launch in
-        a CUDA graph) 2.9 / 4.0 us at 128 / 512 pairs on 64 experts, 3.2 / 4.7 on 128, where that took 9.6 / 8.6 and
-        17.6 / 11.9 (512 pairs: the three-launch chunked form). PDL: the next launch (gate_up) may start now; it
-        waits for this one's end before it reads anything."""
+        """Each program sorts a chunk of PP pairs by (expert, pair) as one key each, so a pair's slot is its sorted
+        position plus its expert's offset (first block x BLOCK_M - pairs of lower experts), one gather of EP values.
+        Work O(PP log^2 PP + EP + NB * BLOCK_M) where the one-hot rank it replaced was O(PP x EP): v27 (H100, one
+        launch in a CUDA graph) 2.9 / 4.0 us at 128 / 512 pairs on 64 experts, 3.2 / 4.7 on 128, where that took
+        9.6 / 8.6 and 17.6 / 11.9 (512 pairs: the three-launch chunked form).
+        CHUNKS (several programs): the sort grows as PP log^2 PP, so larger batches are sorted in chunks side by
+        side. Each program writes its sorted keys and per-expert counts, fills its share of the padding slots and
+        draws a ticket; the program that draws the last one sees every chunk's counts, so it alone knows each
+        expert's first block and each chunk's prefix within it, and places every chunk's pairs (in chunk order: a
+        stable sort's order, so the same bits as one sort), then resets the ticket. One launch where the chunked
+        form takes three. PDL: the next launch (gate_up) may start now; it waits for this one's end before it reads
+        anything."""
         if PDL:
             gdc_launch_dependents()
+        c = tl.program_id(0)
         p = tl.arange(0, PP)
-        e = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int32)  # int64 ids: the sm_90 histogram takes int32
+        e = tl.load(ids_ptr + c * PP + p, mask=c * PP + p < P, other=-1).to(tl.int32)  # int64 ids: int32 histogram
         e = tl.where((e < 0) | (e >= E), E, e)  # bucket E: dropped ids and the lanes past P, sorted last
         key = tl.sort(e * PP + p)
-        se = key // PP
-        ex = tl.arange(0, EP)
         counts = tl.histogram(e, EP)
-        blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
-        first_pair = tl.cumsum(counts, axis=0) - counts
-        offset = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M - first_pair
-        dest = p + tl.gather(offset, se, 0)
-        for s0 in range(0, NB * BLOCK_M, FILL):  # every slot padding first
-            s = s0 + tl.arange(0, FILL)
-            tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
+        ex = tl.arange(0, EP)
         b = tl.arange(0, NBP)
-        tl.store(block_expert_ptr + b, tl.full([NBP], 0, tl.int32) + E, mask=b < NB)
-        tl.debug_barrier()  # the fills above land before the scatters below (same program, other threads)
-        real = se < E
-        tl.store(sorted_ptr + dest, key - se * PP, mask=real)
-        # every used block starts with a real pair (an expert's padding is at the end of its last block)
-        tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
+        if CHUNKS:
+            nch = tl.num_programs(0)
+            tl.store(keys_ptr + c * PP + p, key)
+            tl.store(counts_ptr + c * EP + ex, counts)
+            span = tl.cdiv(tl.cdiv(NB * BLOCK_M, nch), FILL) * FILL  # this program's share of the padding fill
+            end = tl.minimum((c + 1) * span, NB * BLOCK_M)
+            for s0 in range(c * span, end, FILL):
+                s = s0 + tl.arange(0, FILL)
+                tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < end)
+            tl.debug_barrier()  # every thread's stores land before the ticket says so
+            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == nch - 1:
+                # every chunk at once, as [chunk, expert] and [chunk, pair] tiles: no loop-carried chain
+                r = tl.arange(0, NCHP)
+                live = (r < nch)[:, None]
+                cnt = tl.load(counts_ptr + r[:, None] * EP + ex[None, :], mask=live, other=0, cache_modifier=".cg")
+                total = tl.sum(cnt, axis=0)
+                blocks = tl.where(ex < E, (total + BLOCK_M - 1) // BLOCK_M, 0)
+                first_slot = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M
+                # a pair's slot: its expert's first slot + that expert's pairs in earlier chunks + its sorted
+                # position in its chunk - the chunk's pairs of lower experts
+                offset = first_slot[None, :] + (tl.cumsum(cnt, axis=0) - cnt) - (tl.cumsum(cnt, axis=1) - cnt)
+                k2 = tl.load(keys_ptr + r[:, None] * PP + p[None, :], mask=live, other=E * PP, cache_modifier=".cg")
+                se = k2 // PP
+                dest = p[None, :] + tl.gather(offset, se, 1)
+                tl.store(block_expert_ptr + b, tl.full([NBP], 0, tl.int32) + E, mask=b < NB)
+                tl.debug_barrier()  # the owners' fill lands before the owners below
+                real = se < E
+                tl.store(sorted_ptr + dest, r[:, None] * PP + k2 - se * PP, mask=real)
+                # every used block starts with a real pair (an expert's padding is at the end of its last block)
+                tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
+                tl.store(ticket_ptr, 0)  # zero for the next call (calls on one stream run in order)
+        else:
+            se = key // PP
+            blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+            first_pair = tl.cumsum(counts, axis=0) - counts
+            offset = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M - first_pair
+            dest = p + tl.gather(offset, se, 0)
+            for s0 in range(0, NB * BLOCK_M, FILL):  # every slot padding first
+                s = s0 + tl.arange(0, FILL)
+                tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
+            tl.store(block_expert_ptr + b, tl.full([NBP], 0, tl.int32) + E, mask=b < NB)
+            tl.debug_barrier()  # the fills above land before the scatters below (same program, other threads)
+            real = se < E
+            tl.store(sorted_ptr + dest, key - se * PP, mask=real)
+            tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
 
     @triton.jit
     def _dispatch_count(ids_ptr, counts_ptr, P, E, CH: tl.constexpr, EP: tl.constexpr):
@@ -173,24 +211,75 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# pairs for the one-program sorted dispatch: its single-CTA sort grows as P log^2 P, and from 2048 pairs the three
-# launches of the chunked form are faster (v27, H100: 24.6 vs 7.9 us at 2048 pairs on 64 experts; 7.2 vs 8.0 at 1024)
-SORTED_MAX_PAIRS = 1024
+# pairs for the one-program sorted dispatch: its single-CTA sort grows as P log^2 P (v28, H100, 64 / 128 experts:
+# 7.4 / 7.8 us at 1024 pairs, 24-25 at 2048)
+SORTED_MAX_PAIRS = 512
+# beyond it, chunks of SORT_CHUNK pairs sorted side by side in one launch, up to CHUNKED_SORT_MAX_PAIRS: 6.4 / 6.9 us
+# at 1024 and 2048 pairs. The last program places every pair, so its share grows with P: from 4096 pairs the
+# three-launch chunked form ties or wins (8192 pairs: 13.7-14.7 at 8 warps, 58 at 4 (spills), chunked 8.1-9.3)
+SORT_CHUNK = 512
+CHUNKED_SORT_MAX_PAIRS = 2048
 # tl.gather arrived in Triton 3.3; with an older one the chunked form (any size) does the work
 HAS_GATHER = triton is not None and hasattr(tl, "gather")
 
+_TICKETS: dict = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """A ticket word for callers without their own (fused_moe passes its layer's counters): zero between calls, as
+    the last program resets it, so one per device serves calls that run in order (one stream). Kept because a CUDA
+    graph holds its address; under capture with none kept, a fresh zeroed one (a memset in the graph), not kept,
+    since it holds no zero until the graph runs."""
+    if str(device) in _TICKETS:
+        return _TICKETS[str(device)]
+    buf = torch.zeros(1, dtype=torch.int32, device=device)
+    if not (buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _TICKETS[str(device)] = buf
+    return buf
+
+
+def chunk_tile(chunks: int, experts: int, num_warps: int) -> tuple[int, int]:
+    """(NCHP, EP) of `_dispatch_sorted`: experts + 1 buckets. With chunks, the last program's [chunk, expert] tile
+    has at least num_warps rows and 32 columns: Triton 3.6 fails to compile the sum or gather of a smaller one for
+    sm_90 (an assertion in its thread-locality pass)."""
+    ep = next_pow2(experts + 1)
+    return (1, ep) if chunks == 1 else (max(next_pow2(chunks), num_warps), max(32, ep))
+
 
 def dispatch_sorted(
-    topk_ids: torch.Tensor, experts: int, block_m: int, num_warps: int = 4, pdl: bool = False
+    topk_ids: torch.Tensor,
+    experts: int,
+    block_m: int,
+    num_warps: int = 4,
+    pdl: bool = False,
+    chunk: int = 0,
+    ticket: torch.Tensor | None = None,
 ) -> Dispatch:
-    """One launch of `_dispatch_sorted`; pdl: the next launch may start early (Hopper, a programmatic dependent)."""
+    """One launch of `_dispatch_sorted`: one program for the whole batch, or (chunk, a power of two, smaller than
+    the batch) one per chunk of that many pairs, drawing tickets from `ticket` (an int32 word that is zero, used by
+    no other launch running at the same time; default: one per device). pdl: the next launch may start early
+    (Hopper, a programmatic dependent)."""
     p = topk_ids.numel()
+    if chunk and (chunk & (chunk - 1) or chunk < 16):
+        raise ValueError(f"dispatch chunk {chunk}: use a power of two from 16")
+    pp = chunk if 0 < chunk < p else next_pow2(max(p, 16))
+    nch = -(-p // pp)
     nb = max_blocks(p, experts, block_m)
-    sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=topk_ids.device)
-    block_expert = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)
-    _dispatch_sorted[(1,)](topk_ids.reshape(-1), sorted_pairs, block_expert, p, experts, nb, BLOCK_M=block_m,
-                           PP=next_pow2(max(p, 16)), EP=next_pow2(experts + 1), NBP=next_pow2(nb),
-                           FILL=min(2048, next_pow2(nb * block_m)), PDL=pdl, num_warps=num_warps)  # fmt: skip
+    nchp, ep = chunk_tile(nch, experts, num_warps)
+    dev = topk_ids.device
+    sorted_pairs = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    keys = counts = sorted_pairs  # unread by one program
+    if nch > 1:
+        keys = torch.empty(nch * pp, dtype=torch.int32, device=dev)
+        counts = torch.empty(nch * ep, dtype=torch.int32, device=dev)
+        ticket = _ticket(dev) if ticket is None else ticket
+    else:
+        ticket = sorted_pairs
+    _dispatch_sorted[(nch,)](topk_ids.reshape(-1), sorted_pairs, block_expert, keys, counts, ticket, p, experts, nb,
+                             BLOCK_M=block_m, PP=pp, EP=ep, NBP=next_pow2(nb), FILL=min(2048, next_pow2(nb * block_m)),
+                             PDL=pdl, CHUNKS=nch > 1, NCHP=nchp,
+                             num_warps=num_warps)  # fmt: skip
     return Dispatch(sorted_pairs, block_expert, block_m, pdl)
 
 
@@ -216,14 +305,18 @@ def dispatch_chunked(topk_ids: torch.Tensor, experts: int, block_m: int, chunk: 
     return Dispatch(sorted_pairs, block_expert, block_m)
 
 
-def dispatch(topk_ids: torch.Tensor, experts: int, block_m: int, pdl: bool = False) -> Dispatch:
-    """One kernel launch for decode-sized batches (what dominates at 1-128 tokens), three beyond. pdl: let the next
-    launch start early where the one-launch form runs (the result's `pdl` says whether it did)."""
+def dispatch(
+    topk_ids: torch.Tensor, experts: int, block_m: int, pdl: bool = False, ticket: torch.Tensor | None = None
+) -> Dispatch:
+    """One kernel launch up to CHUNKED_SORT_MAX_PAIRS pairs, three beyond. pdl: let the next launch start early
+    where the one-launch form runs (the result's `pdl` says whether it did). ticket: see `dispatch_sorted`."""
     if triton is None or not (topk_ids.is_cuda or interpreting()):
         return dispatch_torch(topk_ids, experts, block_m)
-    if topk_ids.numel() > SORTED_MAX_PAIRS or not HAS_GATHER:
+    p = topk_ids.numel()
+    if p > CHUNKED_SORT_MAX_PAIRS or not HAS_GATHER:
         return dispatch_chunked(topk_ids, experts, block_m)
-    return dispatch_sorted(topk_ids, experts, block_m, pdl=pdl)
+    chunk = 0 if p <= SORTED_MAX_PAIRS else SORT_CHUNK
+    return dispatch_sorted(topk_ids, experts, block_m, pdl=pdl, chunk=chunk, ticket=ticket)
 
 
 def interpreting() -> bool:

@@ -420,7 +420,7 @@ def fused_moe(
         if zero_nt:
             _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters, zero_nt)
         else:
-            dispatched = _dispatches(topk_ids, gu.num_experts, p, cfg1)
+            dispatched = _dispatches(topk_ids, gu, p, cfg1)
             _run_gemm(hidden, inter, topk_weights, topk_ids, gu, p, k, True, False, cfg1, dispatched)
         final = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
         _gemv(inter, final, topk_weights, topk_ids, dn, 1, False, True, cfg2, counters)
@@ -434,7 +434,7 @@ def fused_moe(
         alloc = torch.zeros if isinstance(cfg1, GemvConfig) else torch.empty
         counters = alloc(t * -(-h // cfg2.block_n), dtype=torch.int32, device=hidden.device)
     pdl, early = _pdl_edges(cfg1, cfg2, gu, dn, hidden.device, expert_parallel)
-    dispatched = _dispatches(topk_ids, gu.num_experts, p, cfg1, cfg2, pdl=early)
+    dispatched = _dispatches(topk_ids, gu, p, cfg1, cfg2, pdl=early)
     early = early and any(d.pdl for d in dispatched.values())
     if isinstance(cfg1, GemvConfig):
         _gemv(hidden, inter, topk_weights, topk_ids, gu, k, True, False, cfg1, counters=topk_ids)  # unused
@@ -530,12 +530,14 @@ def _inline(cfg: GemmConfig, pairs: int) -> bool:
     return cfg.inline_dispatch and pairs <= configs.INLINE_DISPATCH_PAIRS
 
 
-def _dispatches(topk_ids, experts: int, pairs: int, *cfgs, pdl: bool = False) -> dict:
+def _dispatches(topk_ids, block: KernelBlock, pairs: int, *cfgs, pdl: bool = False) -> dict:
     """One dispatch per row-block size among these configs' GEMMs, shared by both projections and all made before
     the first GEMM launch: a programmatic dependent launch pairs with the launch just before it, so nothing may come
-    between gate_up and down. pdl: the last one lets the launch after it (gate_up) start early."""
+    between gate_up and down. pdl: the last one lets the launch after it (gate_up) start early. The chunk-sorted
+    dispatch draws its tickets from the layer's counters (zero between calls, one layer on one stream at a time)."""
     sizes = list(dict.fromkeys(c.block_m for c in cfgs if isinstance(c, GemmConfig) and not _inline(c, pairs)))
-    return {bm: dispatch(topk_ids, experts, bm, pdl=pdl and bm == sizes[-1]) for bm in sizes}
+    ticket = block.counters(1) if sizes else None
+    return {bm: dispatch(topk_ids, block.num_experts, bm, pdl=pdl and bm == sizes[-1], ticket=ticket) for bm in sizes}
 
 
 PDL = True  # a switch for A/B timing; fused_moe decides per layer where it applies
