@@ -91,6 +91,8 @@ def test_chunk_sorted_dispatch_resets_its_ticket_for_the_next_call(monkeypatch):
         assert ticket.item() == 0
     with pytest.raises(ValueError, match="power of two"):
         dispatch_mod.dispatch_sorted(ids.to(DEVICE), experts, 16, chunk=24)
+    with pytest.raises(ValueError, match="at most 16384 pairs"):  # 1025 chunks of 16: a 2048 x 16 tile
+        dispatch_mod.dispatch_sorted(torch.zeros(16400, dtype=torch.int32, device=DEVICE), experts, 16, chunk=16)
     experts, hidden, inter, k = 8, 256, 128, 4
     mod = random_experts(experts, hidden, inter, mixed_formats(experts, ALL, seed=12), device=DEVICE, seed=12)
     for tokens in (24, 9):  # 96 pairs: 6 chunks; 36 pairs: 3 chunks

@@ -219,6 +219,9 @@ SORTED_MAX_PAIRS = 512
 # three-launch chunked form ties or wins (8192 pairs: 13.7-14.7 at 8 warps, 58 at 4 (spills), chunked 8.1-9.3)
 SORT_CHUNK = 512
 CHUNKED_SORT_MAX_PAIRS = 2048
+# the last program's [chunk, pair] tile: 8192 already spills at 4 warps (58 us); sm_90 compiles were checked up to
+# 16384 (Triton 3.6), larger ones never
+CHUNK_TILE_MAX = 16384
 # tl.gather arrived in Triton 3.3; with an older one the chunked form (any size) does the work
 HAS_GATHER = triton is not None and hasattr(tl, "gather")
 
@@ -264,6 +267,11 @@ def dispatch_sorted(
         raise ValueError(f"dispatch chunk {chunk}: use a power of two from 16")
     pp = chunk if 0 < chunk < p else next_pow2(max(p, 16))
     nch = -(-p // pp)
+    if nch > 1 and next_pow2(nch) * pp > CHUNK_TILE_MAX:
+        raise ValueError(
+            f"dispatch of {p} pairs in chunks of {chunk}: the last program's tile holds at most {CHUNK_TILE_MAX} pairs"
+            " (next_pow2(chunks) x chunk); use larger chunks or dispatch_chunked"
+        )
     nb = max_blocks(p, experts, block_m)
     nchp, ep = chunk_tile(nch, experts, num_warps)
     dev = topk_ids.device
