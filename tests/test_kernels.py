@@ -52,7 +52,7 @@ def test_dispatch_matches_brute_force(tokens, k, experts, block_m):
     # chunked: several chunks of 16 pairs, a partial last one, experts split across chunks; chunks of 4: more
     # chunks than the prefix pass loads at once (512), more chunks than experts and the reverse
     chunked = [lambda i, e, b, c=c: dispatch_chunked(i, e, b, chunk=c) for c in (16, 4)]
-    # chunks of 64 sorted side by side: one to 38 chunks, a partial last one, experts spanning chunks
+    # chunks of 64 sorted side by side: one to 41 chunks, a partial last one, experts spanning chunks
     chunk_sorted = lambda i, e, b: dispatch_sorted(i, e, b, chunk=64)  # noqa: E731
     for impl in (dispatch, dispatch_torch, dispatch_sorted, chunk_sorted, *chunked):
         d = impl(ids.to(DEVICE).int(), experts, block_m)
