@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from exq.bench.kernels import graph_time_us, routing
-from exq.fileio import atomic_write_bytes
+from exq.fileio import atomic_write, atomic_write_bytes
 from exq.kernels import dispatch as dispatch_mod
 
 SORT_MAX = 4096  # the one-program sort past this many pairs is far off (24.6 us at 2048 on 64 experts, v27)
@@ -79,7 +79,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(xlabel="pairs (tokens x top-k)", ylabel="µs per dispatch", title=f"{e} experts, top-{k}, block_m {bm}")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def main() -> None:

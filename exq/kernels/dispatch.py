@@ -66,6 +66,28 @@ if triton is not None:
     from exq.kernels.moe_gemm import gdc_launch_dependents
 
     @triton.jit
+    def _fill(ptr, lo, hi, value, FILL: tl.constexpr):
+        """ptr[lo:hi] = value, FILL slots a step."""
+        for s0 in range(lo, hi, FILL):
+            s = s0 + tl.arange(0, FILL)
+            tl.store(ptr + s, tl.full([FILL], 0, tl.int32) + value, mask=s < hi)
+
+    @triton.jit
+    def _first_slots(counts, ex, E, BLOCK_M: tl.constexpr):
+        """Each expert's first slot: the row blocks of lower experts x BLOCK_M (bucket E and the lanes past it take
+        none)."""
+        blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+        return (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M
+
+    @triton.jit
+    def _place(sorted_ptr, block_expert_ptr, dest, pair, se, E, BLOCK_M: tl.constexpr):
+        """Every real pair into its slot. A block's first slot names its owner: every used block starts with a real
+        pair (an expert's padding is at the end of its last block)."""
+        real = se < E
+        tl.store(sorted_ptr + dest, pair, mask=real)
+        tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
+
+    @triton.jit
     def _dispatch_sorted(
         ids_ptr, sorted_ptr, block_expert_ptr, keys_ptr, counts_ptr, ticket_ptr, P, E, NB,
         BLOCK_M: tl.constexpr, PP: tl.constexpr, EP: tl.constexpr, NBP: tl.constexpr, FILL: tl.constexpr,
@@ -98,46 +120,32 @@ if triton is not None:
             tl.store(keys_ptr + c * PP + p, key)
             tl.store(counts_ptr + c * EP + ex, counts)
             span = tl.cdiv(tl.cdiv(NB * BLOCK_M, nch), FILL) * FILL  # this program's share of the padding fill
-            end = tl.minimum((c + 1) * span, NB * BLOCK_M)
-            for s0 in range(c * span, end, FILL):
-                s = s0 + tl.arange(0, FILL)
-                tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < end)
+            _fill(sorted_ptr, c * span, tl.minimum((c + 1) * span, NB * BLOCK_M), P, FILL)
             tl.debug_barrier()  # every thread's stores land before the ticket says so
             if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == nch - 1:
                 # every chunk at once, as [chunk, expert] and [chunk, pair] tiles: no loop-carried chain
                 r = tl.arange(0, NCHP)
                 live = (r < nch)[:, None]
                 cnt = tl.load(counts_ptr + r[:, None] * EP + ex[None, :], mask=live, other=0, cache_modifier=".cg")
-                total = tl.sum(cnt, axis=0)
-                blocks = tl.where(ex < E, (total + BLOCK_M - 1) // BLOCK_M, 0)
-                first_slot = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M
                 # a pair's slot: its expert's first slot + that expert's pairs in earlier chunks + its sorted
                 # position in its chunk - the chunk's pairs of lower experts
+                first_slot = _first_slots(tl.sum(cnt, axis=0), ex, E, BLOCK_M)
                 offset = first_slot[None, :] + (tl.cumsum(cnt, axis=0) - cnt) - (tl.cumsum(cnt, axis=1) - cnt)
                 k2 = tl.load(keys_ptr + r[:, None] * PP + p[None, :], mask=live, other=E * PP, cache_modifier=".cg")
                 se = k2 // PP
                 dest = p[None, :] + tl.gather(offset, se, 1)
                 tl.store(block_expert_ptr + b, tl.full([NBP], 0, tl.int32) + E, mask=b < NB)
                 tl.debug_barrier()  # the owners' fill lands before the owners below
-                real = se < E
-                tl.store(sorted_ptr + dest, r[:, None] * PP + k2 - se * PP, mask=real)
-                # every used block starts with a real pair (an expert's padding is at the end of its last block)
-                tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
+                _place(sorted_ptr, block_expert_ptr, dest, r[:, None] * PP + k2 - se * PP, se, E, BLOCK_M)
                 tl.store(ticket_ptr, 0)  # zero for the next call (calls on one stream run in order)
         else:
             se = key // PP
-            blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
             first_pair = tl.cumsum(counts, axis=0) - counts
-            offset = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M - first_pair
-            dest = p + tl.gather(offset, se, 0)
-            for s0 in range(0, NB * BLOCK_M, FILL):  # every slot padding first
-                s = s0 + tl.arange(0, FILL)
-                tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < NB * BLOCK_M)
+            dest = p + tl.gather(_first_slots(counts, ex, E, BLOCK_M) - first_pair, se, 0)
+            _fill(sorted_ptr, 0, NB * BLOCK_M, P, FILL)  # every slot padding first
             tl.store(block_expert_ptr + b, tl.full([NBP], 0, tl.int32) + E, mask=b < NB)
             tl.debug_barrier()  # the fills above land before the scatters below (same program, other threads)
-            real = se < E
-            tl.store(sorted_ptr + dest, key - se * PP, mask=real)
-            tl.store(block_expert_ptr + dest // BLOCK_M, se, mask=real & (dest % BLOCK_M == 0))
+            _place(sorted_ptr, block_expert_ptr, dest, key - se * PP, se, E, BLOCK_M)
 
     @triton.jit
     def _dispatch_count(ids_ptr, counts_ptr, P, E, CH: tl.constexpr, EP: tl.constexpr):
@@ -198,10 +206,7 @@ if triton is not None:
             tl.store(sorted_ptr + lo + j, tl.full([BLOCK_M], 0, tl.int32) + P, mask=lo + j < hi)
         used = tl.sum(blocks, axis=0) * BLOCK_M
         span = (NB * BLOCK_M - used + nch - 1) // nch  # unused blocks' slots, a span per program
-        end = tl.minimum(used + (c + 1) * span, NB * BLOCK_M)
-        for s0 in range(used + c * span, end, FILL):
-            s = s0 + tl.arange(0, FILL)
-            tl.store(sorted_ptr + s, tl.full([FILL], 0, tl.int32) + P, mask=s < end)
+        _fill(sorted_ptr, used + c * span, tl.minimum(used + (c + 1) * span, NB * BLOCK_M), P, FILL)
         b = c * OB + tl.arange(0, OB)
         owner = tl.sum(((block_end[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, owner, mask=b < NB)
