@@ -51,6 +51,17 @@ def cell(experts: int, k: int, tokens: int, block_m: int, chunks, warps, rounds:
             "best": {n: min(v) for n, v in us.items()}}  # fmt: skip
 
 
+def experts_top_k(text: str) -> tuple[int, int]:
+    """'64x8' -> (64, 8), for argparse."""
+    try:
+        e, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give experts x top-k, e.g. 64x8") from None
+    if not 0 < k <= e:
+        raise argparse.ArgumentTypeError(f"{text!r}: top-k must be from 1 to the number of experts")
+    return e, k
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -84,7 +95,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts-top-k", nargs="+", default=["64x8", "128x8", "256x8"], help="ExK, e.g. 64x8")
+    ap.add_argument("--experts-top-k", nargs="+", type=experts_top_k, default=[(64, 8), (128, 8), (256, 8)],
+                    help="experts x top-k, e.g. 64x8")  # fmt: skip
     ap.add_argument("--tokens", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--block-m", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--chunks", nargs="+", type=int, default=[256, 512, 1024])
@@ -95,8 +107,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("dispatch_bench times CUDA graphs: run it on a machine with an NVIDIA GPU")
     out = {"version": 1, "device": torch.cuda.get_device_name(), "rows": []}
-    for ek in a.experts_top_k:
-        e, k = (int(v) for v in ek.lower().split("x"))
+    for e, k in a.experts_top_k:
         for bm in a.block_m:
             for t in a.tokens:
                 r = cell(e, k, t, bm, a.chunks, a.warps, a.rounds)

@@ -4,7 +4,11 @@ the same tests on a GPU."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -834,20 +838,21 @@ def test_bench_candidates_are_valid_and_cover_each_tile_kind():
                 assert any(isinstance(c, GemmConfig) and c.inline_dispatch and c.block_m == 16 for c in cands)
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_kernel_sweep_candidates_are_valid_for_every_shape():
     """benchmarks/kernel_sweep.py's candidate lists (single configs and (gate_up, down) pairs), fitted to each bench
     shape, pass the op's validation; a one-launch candidate stays a pair the kernel can run as one launch."""
-    import importlib.util
-    from pathlib import Path
-
     from exq.bench import PLANS, SHAPES
     from exq.kernels.moe_op import _check_config, one_launch_pair
 
-    spec = importlib.util.spec_from_file_location(
-        "kernel_sweep", Path(__file__).parents[1] / "benchmarks/kernel_sweep.py"
-    )
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = benchmark_module("kernel_sweep")
     pick = sweep.candidates(None)
     pairs_seen = 0
     for shape in SHAPES.values():
@@ -871,18 +876,11 @@ def test_kernel_sweep_candidates_are_valid_for_every_shape():
 def test_kernel_sweep_dispatch_variants_pair_each_table_config_with_the_other_dispatch():
     """--dispatch-variants: per table cell its config and the same tiles with the other dispatch on every GEMM
     projection; never the inline dispatch with small_m or past INLINE_DISPATCH_PAIRS (the op rejects / ignores it)."""
-    import importlib.util
-    from pathlib import Path
-
     from exq.bench import SHAPES
     from exq.kernels.configs import INLINE_DISPATCH_PAIRS
     from exq.kernels.moe_op import _check_config
 
-    spec = importlib.util.spec_from_file_location(
-        "kernel_sweep", Path(__file__).parents[1] / "benchmarks/kernel_sweep.py"
-    )
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = benchmark_module("kernel_sweep")
     inline, plain = GemmConfig(16, 64, 128, 4, 2, inline_dispatch=True), GemmConfig(16, 64, 128, 4, 2)
     blocked = GemmConfig(32, 64, 128, 4, 2, small_m=16)
     entry = {"shape": "olmoe-1b-7b", "class": "int4", "tokens": 16}
@@ -902,6 +900,33 @@ def test_kernel_sweep_dispatch_variants_pair_each_table_config_with_the_other_di
     assert pick("int4", many, olmoe) == [plain]
     for c in (inline, plain, blocked):
         _check_config(c)
+
+
+def test_dispatch_bench_forms_agree_with_a_brute_force_dispatch_and_it_plots(tmp_path, monkeypatch):
+    """benchmarks/dispatch_bench.py: every form it times gives the brute-force dispatch, chunk forms only where they
+    split the batch; its plot is written; without a GPU it says so and writes nothing."""
+    bench = benchmark_module("dispatch_bench")
+    forms = bench.forms(600, [256, 512, 1024], [4])
+    assert set(forms) == {"dispatch", "chunked", "sorted", "chunk256_w4", "chunk512_w4"}
+    assert "sorted" not in bench.forms(bench.SORT_MAX + 1, [], [4])
+    ids = torch.randint(0, 24, (100, 6), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    want = brute_force_dispatch(ids.tolist(), 24, 16)
+    for name, fn in forms.items():
+        d = fn(ids.to(DEVICE), 24, 16)
+        assert (d.sorted_pairs.tolist(), d.block_expert.tolist()) == want, name
+    rows = [{"experts": 24, "top_k": 6, "block_m": 16, "pairs": p, "best": {"sorted": p / 100, "chunked": 5.0}}
+            for p in (300, 600)]  # fmt: skip
+    bench.plot(rows, tmp_path / "dispatch.png")
+    assert (tmp_path / "dispatch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.experts_top_k("128X6") == (128, 6)
+    for bad in ("64-8", "8x16", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="top-k"):
+            bench.experts_top_k(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["dispatch_bench.py", "--output", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit, match="NVIDIA GPU"):
+        bench.main()
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_pdl_edges_only_on_hopper_tiles_whose_experts_stay_in_l2(monkeypatch):
