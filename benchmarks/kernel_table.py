@@ -24,22 +24,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from exq.bench import SHAPES
 from exq.bench.report import read_result
-from exq.compiler.specialize import rows_per_active_expert
-from exq.errors import ExqError, FormatError
+from exq.errors import ExqError
 from exq.fileio import atomic_write_bytes, read_json
-from exq.kernels.tuning import (
-    CLASSES,
-    DIMS,
-    TABLE_FORMAT,
-    TABLE_SCHEMA,
-    config_to_dict,
-    parse_bench_config,
-    validate_table,
-)
+from exq.kernels.tuning import table_from_results, upgraded_table, validate_table
 
 
 def main() -> None:
@@ -57,71 +45,14 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from err
 
 
-def _dims(shape: str) -> dict:
-    if shape not in SHAPES:
-        raise FormatError(f"shape {shape!r} is not one of exq bench's shapes ({', '.join(SHAPES)})")
-    return dict(zip(DIMS, SHAPES[shape], strict=True))
-
-
-def _upgraded(t: dict, path: Path) -> dict:
-    """A schema-1 table (entries without their layer's sizes) as schema 2: the sizes of the bench shape each
-    entry names."""
-    if isinstance(t, dict) and t.get("schema_version") == 1 and isinstance(t.get("entries"), list):
-        try:
-            entries = [e | {"dims": _dims(e["shape"])} for e in t["entries"]]
-        except (KeyError, TypeError) as err:
-            raise FormatError(f"{path}: an entry without its shape ({err})", "rebuild it from the results") from err
-        return t | {"schema_version": TABLE_SCHEMA, "entries": entries}
-    return t
-
-
 def build(a: argparse.Namespace) -> None:
-    cells, gpu, sources = {}, None, []
+    base = None
     if a.base is not None:
-        base = validate_table(_upgraded(read_json(a.base, "kernel table"), a.base), str(a.base))
-        gpu, sources = base["gpu"], list(base["source"])
-        cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
-    for path in a.results + a.if_faster:
-        r = read_result(path)
-        gpu = gpu or r["device"]
-        if r["device"] != gpu:
-            raise SystemExit(f"{path} was measured on {r['device']}, not {gpu}")
-        for row in r["rows"]:
-            if row["plan"] not in CLASSES:  # e.g. the int3 plans: their layers share the "mixed" class
-                continue
-            cfg, us = parse_bench_config(row.get("exq_config")), row["exq_us"]
-            if cfg is None and row.get("exq_default_config"):  # the default rule won: its configs (as recorded)
-                gu, dn = (parse_bench_config(n) for n in row["exq_default_config"])
-                cfg = gu if gu == dn else (gu, dn)
-            if cfg is None and row.get("exq_sweep"):  # a run that did not record them: the best swept config
-                name, us = min(row["exq_sweep"].items(), key=lambda kv: kv[1])
-                cfg = parse_bench_config(name)
-            if cfg is None:
-                continue
-            dims = _dims(row["shape"])
-            uniform = np.full(dims["experts"], 1.0 / dims["experts"])  # the benchmark's routing
-            key = (row["shape"], row["plan"], row["tokens"])
-            if path in a.if_faster and key in cells and cells[key]["us"] <= us:
-                continue
-            cells[key] = {
-                "class": row["plan"],
-                "shape": row["shape"],
-                "tokens": row["tokens"],
-                "rows_per_expert": round(rows_per_active_expert(uniform, dims["top_k"], row["tokens"]), 4),
-                "dims": dims,
-                "config": config_to_dict(cfg),
-                "us": round(us, 2),
-            }
-    table = {
-        "format": TABLE_FORMAT,
-        "schema_version": TABLE_SCHEMA,
-        "gpu": gpu,
-        "source": sources + [p.name for p in a.results + a.if_faster],
-        "entries": sorted(cells.values(), key=lambda c: (c["class"], c["rows_per_expert"], c["shape"])),
-    }
-    validate_table(table, str(a.output))
+        base = validate_table(upgraded_table(read_json(a.base, "kernel table"), str(a.base)), str(a.base))
+    results = [(p.name, read_result(p)) for p in a.results + a.if_faster]
+    table = table_from_results(results, base, if_faster=tuple(p.name for p in a.if_faster))
     atomic_write_bytes(a.output, (json.dumps(table, indent=1) + "\n").encode())
-    print(f"wrote {a.output}: {len(cells)} entries for {gpu}")
+    print(f"wrote {a.output}: {len(table['entries'])} entries for {table['gpu']}")
 
 
 if __name__ == "__main__":

@@ -160,8 +160,10 @@ def compile_from_model(
     solver: str = "milp",
     device: str | None = "auto",
     progress: bool = True,
+    kernel_tables: dict | None = None,
 ) -> tuple[Artifact, Solution, dict]:
-    """Profile + sensitivity + compile in one go; returns the plan, the solution and which stages were cached."""
+    """Profile + sensitivity + compile in one go; returns the plan, the solution and which stages were cached.
+    kernel_tables: pass D's tables (`compile_plan`)."""
     output = Path(output)
     model = load_model(model_path, device=device)
     cal = Calibration.of(list(corpus), tokens, probe_tokens, model)
@@ -182,7 +184,10 @@ def compile_from_model(
         table, _, _ = sensitivity(model, tok, cal, formats, quantizer, progress)
         table.save(sens_path)
     candidates = formats if "bf16" in formats else ["bf16", *formats]  # bf16 is always a candidate
-    art, sol = compile_plan(prof, budget, sensitivity=table, granularity=granularity, solver=solver, formats=candidates)
+    art, sol = compile_plan(
+        prof, budget, sensitivity=table, granularity=granularity, solver=solver, formats=candidates,
+        kernel_tables=kernel_tables,
+    )  # fmt: skip
     art.save(output)
     return art, sol, cached
 

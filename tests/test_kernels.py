@@ -614,6 +614,19 @@ def test_default_rule_for_experts_too_big_for_l2(monkeypatch):
     assert default_config(8 * 64, 8, bf16).small_m == 0  # v24's partial-block tile measured on int4 / mixed only
 
 
+def test_default_rule_dispatches_int4_layers_of_16_to_48_rows_per_expert():
+    """v29: at 17-48 rows per expert a layer with int4 experts takes dispatched 32-row blocks, also where the inline
+    dispatch would apply (at most INLINE_DISPATCH_PAIRS pairs); layers without int4 experts keep it."""
+    from exq.kernels.configs import INLINE_DISPATCH_PAIRS
+    from exq.kernels.moe_op import default_config, kernel_blocks
+
+    for fmts, inline in ((["int4"] * 8, False), (mixed_formats(8, PLAN_V18, seed=0), False), (["bf16"] * 8, True)):
+        block = kernel_blocks(random_experts(8, 512, 256, fmts, device=DEVICE))[0]
+        for per_expert in (17, 24, 48):
+            assert 8 * per_expert <= INLINE_DISPATCH_PAIRS
+            assert default_config(8 * per_expert, 8, block) == GemmConfig(32, 128, 128, 4, 3, inline_dispatch=inline)
+
+
 PLAN_V18 = {"bf16": 0.25, "int8": 0.25, "int4": 0.5}
 
 

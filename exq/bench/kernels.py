@@ -196,24 +196,27 @@ def default_candidates(plan: str, tokens: int, shape) -> list:
     return list(dict.fromkeys(fit_config(c, h, i) for c in out))
 
 
-def layer_stack(name: str, plan: str, layers: int = 8) -> list:
-    """Distinct random layers of one bench shape and plan, so a graph over them streams weights from HBM."""
+def layer_stack(shape: str | tuple, plan: str, layers: int = 8) -> list:
+    """Distinct random layers of one bench shape (a name or its sizes) and plan, so a graph over them streams
+    weights from HBM."""
     from exq.kernels.synthetic import mixed_formats, random_experts
 
-    e, h, i, _ = SHAPES[name]
+    e, h, i, _ = SHAPES[shape] if isinstance(shape, str) else shape
     shares = PLANS[plan]
     return [random_experts(e, h, i, mixed_formats(e, shares, seed=s), device="cuda", seed=s) for s in range(layers)]
 
 
-def bench_shape(name: str, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None):
-    e, h, i, k = SHAPES[name]
+def bench_shape(
+    name: str, shape: tuple, tokens, layers: int, reps: int, sgl, floors: Floors, log, plans, candidates=None
+):  # fmt: skip
+    e, h, i, k = shape
     rows = []
     for plan in plans:
-        mods = layer_stack(name, plan, layers)
+        mods = layer_stack(shape, plan, layers)
         for t in tokens:
             x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
             routes = [routing(t, e, k, seed=1000 * t + s) for s in range(layers)]
-            row = {"shape": name, "plan": plan, "tokens": t, "pairs": t * k}
+            row = {"shape": name, "dims": list(shape), "plan": plan, "tokens": t, "pairs": t * k}
             cands = (candidates or default_candidates)(plan, t, (e, h, i, k))
             row |= bench_layer(x, routes, mods, plan, (e, h, i, k), layers, reps, sgl, floors, cands)
             rows.append(row)
@@ -390,9 +393,19 @@ def check_against_sglang(sgl, log) -> float:
 
 
 def run(
-    shapes, tokens, layers: int, reps: int, sglang_wheel: str | None, output: Path, plans=tuple(PLANS), candidates=None
+    shapes: dict[str, tuple] | list[str],
+    tokens,
+    layers: int,
+    reps: int,
+    sglang_wheel: str | None,
+    output: Path,
+    plans=tuple(PLANS),
+    candidates=None,
 ) -> dict:
-    """candidates(plan, tokens, (E, H, I, k)) -> configs to sweep per cell (default: `default_candidates`)."""
+    """shapes: names of `SHAPES` or {name: (E, H, I, k)} (`exq.bench.shapes.resolve_shapes`).
+    candidates(plan, tokens, (E, H, I, k)) -> configs to sweep per cell (default: `default_candidates`)."""
+    if not isinstance(shapes, dict):
+        shapes = {n: SHAPES[n] for n in shapes}
     if not torch.cuda.is_available():
         from exq.errors import ExqError
 
@@ -417,8 +430,8 @@ def run(
     }
     if sgl is not None:
         result["sglang_check_relative_error"] = check_against_sglang(sgl, log)
-    for name in shapes:
-        result["rows"] += bench_shape(name, tokens, layers, reps, sgl, floors, log, plans, candidates)
+    for name, shape in shapes.items():
+        result["rows"] += bench_shape(name, shape, tokens, layers, reps, sgl, floors, log, plans, candidates)
     output.parent.mkdir(parents=True, exist_ok=True)
     from exq.fileio import atomic_write_bytes
 

@@ -52,15 +52,25 @@ def add_compile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     )
     p.add_argument("--mip-gap", type=float, default=1e-4, help="relative optimality gap for milp (default 1e-4)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for milp (default 60)")
+    p.add_argument(
+        "--kernel-table",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="kernel tables measured with `exq bench kernels --table` (a GPU exq ships no table for, or your model's "
+        "shapes); pass D plans with them, merged into the shipped table of the same GPU",
+    )
     p.add_argument("--output", required=True, help="plan path (NAME.json)")
 
     def run(a: argparse.Namespace) -> int:
         from exq.compiler import SensitivityTable, compile_plan
         from exq.errors import ExqError
+        from exq.kernels.tuning import kernel_tables
         from exq.profiling import RoutingProfile
 
         if (a.profile is None) == (a.model is None):
             raise ExqError("give either --profile (compile a profile) or --model with --corpus (run the pipeline)")
+        tables = kernel_tables(a.kernel_table)  # a bad table fails before any model work
         if a.model is not None:
             from exq.pipeline import compile_from_model
 
@@ -76,6 +86,7 @@ def add_compile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
                 formats=a.formats,
                 granularity=a.granularity,
                 solver=a.solver,
+                kernel_tables=tables,
             )
             print("stages reused from cache: " + (", ".join(k for k, v in cached.items() if v) or "none"))
             return _report(art, sol, a.budget, a.output)
@@ -94,6 +105,7 @@ def add_compile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
             prefetch_candidates=a.prefetch_candidates,
             mip_gap=a.mip_gap,
             time_limit=a.time_limit,
+            kernel_tables=tables,
         )
         art.save(a.output)
         return _report(art, sol, a.budget, a.output)

@@ -38,11 +38,13 @@ def compile_plan(
     prefetch_candidates: int = 8,
     mip_gap: float = 1e-4,
     time_limit: float = 60.0,
+    kernel_tables: dict | None = None,
 ) -> tuple[Artifact, Solution]:
     """Allocate a format to every unit under the budget and emit the plan with its layout and prefetch schedule.
 
     Costs come from the measured `sensitivity` table when given, else from the frequency proxy (a baseline).
     `formats` are the candidates (default: those the table measured, or all the runtime can run; bf16 always).
+    `kernel_tables` ({gpu: table}, `exq.kernels.tuning.kernel_tables`) feed pass D; default: the shipped ones.
     """
     if sensitivity is not None:
         check_same_model(sensitivity.model, profile.model, "the sensitivity table (vs the profile)")
@@ -123,6 +125,7 @@ def compile_plan(
         },
         routing=[[round(float(x), 6) for x in profile.share(li)] for li in range(len(profile.layers))],
     )
-    art.kernels = specialize(profile.model["structure"], experts, art.routing, packaged_tables())
+    tables = packaged_tables() if kernel_tables is None else kernel_tables
+    art.kernels = specialize(profile.model["structure"], experts, art.routing, tables)
     art.validate()
     return art, sol

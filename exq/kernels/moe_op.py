@@ -194,7 +194,11 @@ def default_config(pairs: int, num_experts: int, block: KernelBlock) -> Config:
     if per_expert <= 16:
         return GemmConfig(16, 128, 128, 4, 4, inline_dispatch=small)
     if per_expert <= 48:  # v11: 32-row blocks at T = 256 (olmoe, DeepSeek: 1.02-1.10x the 16- and 64-row ones)
-        return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=True)
+        # v29 (H100, Qwen1.5-MoE's shape, 60 experts x top-4, int4 T = 256: 1024 pairs, 17 rows per expert, the
+        # first bench cell to reach this branch within the inline dispatch's limit): dispatched row blocks 161.9 vs
+        # 176.2 us inline, the same tile, one sweep (docs/bench/v29/kernels_h100_qwen1.5-moe.json), as v27 found at
+        # T = 16-64; layers without int4 experts keep the inline dispatch (not measured since v11)
+        return GemmConfig(32, 128, 128, 4, 3, inline_dispatch=not block.present & {"int4", "int4-asym"})
     # v12: int4 scales folded into the weights (one accumulator) let the 128-row 8-warp tile run without spills:
     # 1.1-1.6x the 64-row tile from T = 1024 (olmoe / qwen3, int4 and mixed); from 64 rows per expert on too (v13,
     # DeepSeek T = 1024, 96 rows: 361 vs 455 us; v14, Mixtral T = 256, 64 rows: 793.2 vs 865.8 us). v24: an

@@ -157,3 +157,117 @@ def choose(
         return round(rows, 2), other, abs(math.log(int(e["tokens"]) * int(e["dims"]["top_k"]) / pairs))
 
     return config_from_dict(min(entries, key=distance)["config"])
+
+
+def load_table(path: str | Path) -> dict:
+    """A kernel table file (`exq bench kernels --table` or `benchmarks/kernel_table.py`), validated."""
+    return validate_table(read_json(path, "kernel table"), str(path))
+
+
+def kernel_tables(extra: list[str | Path] | tuple = ()) -> dict[str, dict]:
+    """GPU name -> table: the packaged tables with the user's own (`exq bench kernels --table`: a GPU exq ships no
+    table for, or their model's shapes on one it does) merged in, a user cell replacing the packaged cell of the same
+    (shape, class, tokens). Pass D's lookup prefers an entry of the layer's own sizes among equally near ones, so a
+    model benched on its own shape gets its own measured configs."""
+    out, seen = dict(packaged_tables()), {}
+    for path in extra:
+        t = load_table(path)
+        if t["gpu"] in seen:
+            raise FormatError(f"{seen[t['gpu']]} and {path} are both kernel tables for {t['gpu']}", "give one per GPU")
+        seen[t["gpu"]] = path
+        if t["gpu"] in out:
+            cells = {(e["shape"], e["class"], e["tokens"]): e for e in out[t["gpu"]]["entries"] + t["entries"]}
+            t = t | {"source": out[t["gpu"]]["source"] + t["source"], "entries": list(cells.values())}
+        out[t["gpu"]] = t
+    return out
+
+
+def _row_dims(row: dict) -> dict:
+    """A bench row's layer sizes: recorded in the row since custom shapes, else those of its named shape."""
+    from exq.bench import SHAPES
+
+    if isinstance(row.get("dims"), list) and len(row["dims"]) == len(DIMS):
+        return dict(zip(DIMS, (int(v) for v in row["dims"]), strict=True))
+    if row.get("shape") not in SHAPES:
+        raise FormatError(
+            f"shape {row.get('shape')!r} is not one of exq bench's shapes ({', '.join(SHAPES)}), and its row records"
+            " no sizes",
+            "re-run `exq bench kernels`: its rows record their sizes",
+        )
+    return dict(zip(DIMS, SHAPES[row["shape"]], strict=True))
+
+
+def upgraded_table(t: dict, where: str) -> dict:
+    """A schema-1 table (entries without their layer's sizes) as schema 2: the sizes of the bench shape each entry
+    names. Other tables come back as they are."""
+    if isinstance(t, dict) and t.get("schema_version") == 1 and isinstance(t.get("entries"), list):
+        try:
+            entries = [e | {"dims": _row_dims({"shape": e["shape"]})} for e in t["entries"]]
+        except (KeyError, TypeError) as err:
+            raise FormatError(f"{where}: an entry without its shape ({err})", "rebuild it from the results") from err
+        return t | {"schema_version": TABLE_SCHEMA, "entries": entries}
+    return t
+
+
+def _row_config(row: dict) -> tuple[LayerConfig | None, float]:
+    """The winning config of a bench row and its time: the swept best, else (the default rule won) its configs as
+    the run recorded them, else for runs that recorded neither the fastest swept one."""
+    cfg, us = parse_bench_config(row.get("exq_config")), row["exq_us"]
+    if cfg is None and row.get("exq_default_config"):
+        gu, dn = (parse_bench_config(n) for n in row["exq_default_config"])
+        cfg = gu if gu == dn else (gu, dn)
+    if cfg is None and row.get("exq_sweep"):
+        name, us = min(row["exq_sweep"].items(), key=lambda kv: kv[1])
+        cfg = parse_bench_config(name)
+    return cfg, us
+
+
+def table_from_results(results: list[tuple[str, dict]], base: dict | None = None, if_faster: tuple = ()) -> dict:
+    """A kernel table from `exq bench kernels` results [(label, result)]: every (shape, plan, tokens) cell whose
+    best config is known becomes an entry, keyed by its class and the rows per active expert of the bench's uniform
+    routing, E_active = E (1 - (1 - k/E)^T). Later results override earlier ones for the same cell; those whose
+    label is in if_faster replace a cell only with a faster time (a targeted run of a few candidates must not undo
+    a full sweep's better pick). base: an existing table whose cells the results update. Only the table classes
+    (int4, mixed, bf16) make entries."""
+    import numpy as np
+
+    from exq.compiler.specialize import rows_per_active_expert
+
+    cells, gpu, sources = {}, None, []
+    if base is not None:
+        gpu, sources = base["gpu"], list(base["source"])
+        cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
+    for label, r in results:
+        gpu = gpu or r["device"]
+        if r["device"] != gpu:
+            raise FormatError(f"{label} was measured on {r['device']}, not {gpu}", "one table per GPU")
+        for row in r["rows"]:
+            if row["plan"] not in CLASSES:  # e.g. the int3 plans: their layers share the "mixed" class
+                continue
+            cfg, us = _row_config(row)
+            if cfg is None:
+                continue
+            dims = _row_dims(row)
+            uniform = np.full(dims["experts"], 1.0 / dims["experts"])  # the benchmark's routing
+            key = (row["shape"], row["plan"], row["tokens"])
+            if label in if_faster and key in cells and cells[key]["us"] <= us:
+                continue
+            cells[key] = {
+                "class": row["plan"],
+                "shape": row["shape"],
+                "tokens": row["tokens"],
+                "rows_per_expert": round(rows_per_active_expert(uniform, dims["top_k"], row["tokens"]), 4),
+                "dims": dims,
+                "config": config_to_dict(cfg),
+                "us": round(us, 2),
+            }
+    if gpu is None:
+        raise FormatError("no benchmark results to make a kernel table of")
+    table = {
+        "format": TABLE_FORMAT,
+        "schema_version": TABLE_SCHEMA,
+        "gpu": gpu,
+        "source": sources + [label for label, _ in results],
+        "entries": sorted(cells.values(), key=lambda c: (c["class"], c["rows_per_expert"], c["shape"])),
+    }
+    return validate_table(table, "the new kernel table")
