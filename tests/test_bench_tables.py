@@ -53,6 +53,13 @@ def test_bad_shape_specs_are_named(spec, said):
     assert said in str(err.value)
 
 
+def test_a_hub_model_that_cannot_be_read_is_named(monkeypatch):
+    """org/name is read as a hub model's config; offline and not cached, that is a clear error, no traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExqError, match="cannot read the model config of nobody-here/no-such-moe"):
+        resolve_shapes(["nobody-here/no-such-moe"])
+
+
 def test_two_shapes_of_one_name_are_refused():
     with pytest.raises(ExqError, match="two shapes are named 'x'"):
         resolve_shapes(["x=8,128,128,2", "x=16,128,128,2"])

@@ -1,5 +1,5 @@
 """The layer shapes `exq bench kernels` times: the issue's four named models, sizes given as `E,H,I,K`, or a model
-checkpoint folder whose MoE layers are read from its config, so a user can time the shape they will serve.
+(checkpoint folder or hub id) whose MoE layers are read from its config, so a user can time the shape they serve.
 
 A shape is (experts, hidden, intermediate, top_k). The model form builds the model on the meta device (no weights
 read, any size) and asks exq's adapters for its MoE layers: the same layers `exq profile` and `exq.load` see.
@@ -32,7 +32,7 @@ def resolve_shapes(specs: list[str]) -> dict[str, Shape]:
 def _one_spec(spec: str) -> dict[str, Shape]:
     if spec in SHAPES:
         return {spec: SHAPES[spec]}
-    if Path(spec).expanduser().is_dir():
+    if Path(spec).expanduser().is_dir() or _hub_model(spec):
         return model_shapes(spec)
     m = _SIZES.fullmatch(spec)
     if m is None or "," not in spec:
@@ -48,6 +48,13 @@ def _one_spec(spec: str) -> dict[str, Shape]:
         raise ExqError(f"shape {spec!r}: give four integers, experts,hidden,intermediate,top_k (e.g. 60,2048,1408,4)")
     shape = check_shape(spec, dims)  # type: ignore[arg-type]
     return {m["name"] or "e{}-h{}-i{}-k{}".format(*shape): shape}
+
+
+def _hub_model(spec: str) -> bool:
+    """org/name with no sizes in it: a model on the Hugging Face hub, whose config alone is fetched (or cached)."""
+    from exq.models.loading import is_hub_id
+
+    return "," not in spec and "=" not in spec and is_hub_id(spec)
 
 
 def check_shape(what: str, shape: Shape) -> Shape:

@@ -26,7 +26,8 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
         default=list(SHAPES),
         metavar="SHAPE",
         help=f"layer shapes: {', '.join(SHAPES)} (default: all four), experts,hidden,intermediate,top_k sizes "
-        "(NAME=60,2048,1408,4 names them), or a model checkpoint folder (its MoE layers' sizes, read from its config)",
+        "(NAME=60,2048,1408,4 names them), or a model: a checkpoint folder or hub id (its MoE layers' sizes, read "
+        "from its config)",
     )
     p.add_argument("--tokens", nargs="+", type=positive_int, default=list(TOKENS))
     p.add_argument(

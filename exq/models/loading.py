@@ -47,7 +47,7 @@ def context_len(model: nn.Module, wanted: int | None, default: int) -> int:
     return min(default, max_pos) if max_pos else default
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
 
 
@@ -61,7 +61,7 @@ def load_config(path: str | Path):
             raise ExqError(f"model path {p} is a file; give the checkpoint folder (with config.json)")
         if not (p / "config.json").is_file():
             raise ExqError(f"model folder {p} has no config.json", "point --model at a Hugging Face checkpoint folder")
-    elif not _is_hub_id(name):
+    elif not is_hub_id(name):
         raise ExqError(f"model path {name} does not exist", "give a checkpoint folder or a Hugging Face id (org/name)")
     try:
         return AutoConfig.from_pretrained(str(p) if p.exists() else name)
