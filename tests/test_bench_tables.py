@@ -180,3 +180,49 @@ def test_tables_of_two_gpus_do_not_mix():
     rows = [_row("olmoe-1b-7b", SHAPES["olmoe-1b-7b"], 1, GemvConfig(32, 4), 9.0)]
     with pytest.raises(FormatError, match="measured on GPU Y, not GPU X"):
         table_from_results([("a.json", _result("GPU X", rows)), ("b.json", _result("GPU Y", rows))])
+
+
+def test_load_and_serve_plan_a_checkpoint_again_with_a_users_table(demo_checkpoint, tmp_path, monkeypatch, capsys):
+    """A table measured after quantizing reaches a checkpoint without re-quantizing: `exq.load(kernel_tables=...)`
+    plans every MoE layer again from the checkpoint's plan; the runtime then takes the table's configs on that GPU,
+    and the shipped GPU's plan comes out as stored. `exq serve --kernel-table` checks the table before anything."""
+    import types
+
+    import torch
+
+    from exq.runtime import load
+    from exq.runtime.experts import QuantizedExperts, planned_config
+
+    ckpt = demo_checkpoint("4.5bpw")
+    plain = {n: m.kernel_plan for n, m in load(ckpt, device="cpu").named_modules() if isinstance(m, QuantizedExperts)}
+    gemv, gemm = GemvConfig(32, 1), GemmConfig(16, 64, 128)
+    rows = [_row("demo", _demo_dims(), t, cfg, us, plan) for plan in ("int4", "mixed")
+            for t, cfg, us in ((1, gemv, 5.0), (64, gemm, 20.0))]  # fmt: skip
+    (tmp_path / "x.json").write_text(json.dumps(table_from_results([("r.json", _result("GPU X", rows))])))
+    model = load(ckpt, device="cpu", kernel_tables=[tmp_path / "x.json"])
+    replanned = {n: m.kernel_plan for n, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+    assert replanned.keys() == plain.keys() and plain
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    for name, plan in replanned.items():
+        assert {gpu: plan[gpu] for gpu in plain[name]} == plain[name]  # the shipped GPUs: as stored
+        assert "GPU X" not in plain[name]
+        assert planned_config(plan, 1, types.SimpleNamespace(type="cuda")) == gemv
+        assert planned_config(plan, 300, types.SimpleNamespace(type="cuda")) == gemm
+    from exq.serve import build
+
+    _, engine = build(ckpt, device="cpu", max_batch=1, own_engine=False, kernel_tables=[tmp_path / "x.json"])
+    served = {n: m.kernel_plan for n, m in engine.model.named_modules() if isinstance(m, QuantizedExperts)}
+    assert served == replanned
+    (tmp_path / "bad.json").write_text("[]")
+    for extra in (["--kernel-table", str(tmp_path / "bad.json")], ["--engine", "vllm", "--kernel-table", "x.json"]):
+        assert main(["serve", "--model", str(ckpt), "--port", "1", *extra]) != 0
+        err = capsys.readouterr().err
+        assert ("not an exq kernel table" in err or "exq's own engine" in err) and "Traceback" not in err
+
+
+def _demo_dims() -> tuple:
+    from exq.models import load_model
+    from exq.models.registry import moe_layers
+
+    m = moe_layers(load_model(DEMO_MODEL))[0]
+    return m.num_experts, m.hidden_size, m.intermediate_size, m.top_k

@@ -47,13 +47,25 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--threads", type=positive_int, help="CPU: torch threads (default: torch's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every decode step's kernels eagerly (GPU)")
     p.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint folder's name)")
+    p.add_argument(
+        "--kernel-table",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="kernel tables from `exq bench kernels --table`: the layers' kernel configs planned again with them",
+    )
 
     def run(a: argparse.Namespace) -> int:
+        from exq.errors import ExqError
+        from exq.kernels.tuning import kernel_tables
         from exq.serve import prepare, serve
         from exq.serve.engines import check_engine, launch
 
         if a.engine != "exq":
+            if a.kernel_table:
+                raise ExqError("--kernel-table applies to exq's own engine", "drop it, or serve with --engine exq")
             check_engine(a.engine)  # before any quantization work
+        kernel_tables(a.kernel_table)  # a bad table fails before any quantization work
         ckpt = prepare(a.model, a.budget, a.corpus, a.work_dir, formats=a.formats, device=a.device)
         if a.engine != "exq":
             return launch(a.engine, ckpt, a.host, a.port, [x for x in a.engine_args if x != "--"])
@@ -70,6 +82,7 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
             served_name=a.served_model_name,
             cuda_graphs=not a.no_cuda_graphs,
             threads=a.threads,
+            kernel_tables=a.kernel_table,
         )
         return 0
 

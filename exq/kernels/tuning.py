@@ -110,7 +110,7 @@ def parse_bench_config(value) -> LayerConfig | None:
 
 
 def validate_table(t: dict, where: str) -> dict:
-    if t.get("format") != TABLE_FORMAT:
+    if not isinstance(t, dict) or t.get("format") != TABLE_FORMAT:
         raise FormatError(f"{where} is not an exq kernel table")
     if t.get("schema_version") != TABLE_SCHEMA:
         raise FormatError(

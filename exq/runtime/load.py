@@ -62,25 +62,45 @@ def load(
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | None = None,
     kernels: str = "auto",
+    kernel_tables: list[str | Path] | tuple = (),
 ) -> nn.Module:
     """Load an exq checkpoint folder written by `exq quantize` as a transformers causal LM in eval mode.
 
     kernels: "auto" runs each MoE layer through the fused Triton op on a GPU (when its formats have kernels and
-    Triton is installed) and through the torch reference path otherwise; "off" always uses the reference path."""
+    Triton is installed) and through the torch reference path otherwise; "off" always uses the reference path.
+    kernel_tables: kernel tables measured since the checkpoint was written (`exq bench kernels --table`); pass D
+    plans the layers' configs again from the checkpoint's plan with them, so no re-quantization is needed."""
     if kernels not in ("auto", "off"):
         raise ExqError(f"kernels={kernels!r}", "use 'auto' or 'off'")
     from transformers import AutoConfig
 
     path = Path(path)
     _, qc = read_quantization_config(path)
+    replanned = _replanned(path, kernel_tables) if kernel_tables else None  # a bad table fails before any loading
     config = AutoConfig.from_pretrained(path)
     state = _load_tensors(path / BASE_FILE) | _load_tensors(path / QUANTIZED_FILE)
     model = assemble(config, qc, state, device, dtype, where=str(path))
     for m in model.modules():
         if isinstance(m, QuantizedExperts):
             m.kernels = kernels
+    if replanned is not None:
+        for spec in qc["experts"]:
+            experts = model.get_submodule(spec["module"])
+            experts.kernel_plan = {gpu: layers[spec["moe_layer"]] for gpu, layers in replanned.items()}
     log.info("loaded exq checkpoint %s", path)
     return model
+
+
+def _replanned(path: Path, tables: list[str | Path] | tuple) -> dict:
+    """Pass D's configs per GPU and MoE layer, from the checkpoint's own plan and these tables merged into the
+    shipped ones."""
+    from exq.compiler import Artifact
+    from exq.compiler.specialize import specialize
+    from exq.kernels.tuning import kernel_tables
+    from exq.quant.checkpoint import PLAN_FILE
+
+    art = Artifact.load(path / PLAN_FILE)
+    return specialize(art.model["structure"], art.experts, art.routing, kernel_tables(tables))
 
 
 def assemble(

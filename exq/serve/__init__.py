@@ -95,6 +95,7 @@ def build(
     max_tokens: int | None = None,
     served_name: str | None = None,
     own_engine: bool = True,
+    kernel_tables: list | tuple = (),
 ):
     """(FastAPI app, engine) for a checkpoint; with own_engine the engine runs on a thread started by the app."""
     import torch
@@ -109,7 +110,7 @@ def build(
     torch_dtype = getattr(torch, dtype) if dtype else None
     if dtype and not isinstance(torch_dtype, torch.dtype):
         raise ExqError(f"unknown dtype {dtype!r}", "use bfloat16, float16 or float32")
-    model = load(checkpoint, device=device, dtype=torch_dtype)
+    model = load(checkpoint, device=device, dtype=torch_dtype, kernel_tables=kernel_tables)
     tokenizer = load_tokenizer(checkpoint)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     length = min(max_model_len or min(context, 4096), context)
