@@ -154,14 +154,12 @@ def test_a_users_table_feeds_pass_d(demo_profile, tmp_path, capsys):
     mine = Artifact.load(out).kernels[h100]
     assert config_from_dict(next(layer for layer in mine if layer)["configs"]["1"]) == gemv
     assert Artifact.load(out).kernels[h100] != compile_default_h100(demo_profile, h100)
-    replaced = table_from_results(
-        [("r.json", _result(h100, [_row("olmoe-1b-7b", SHAPES["olmoe-1b-7b"], 1, gemv, 1.0)]))]
-    )
+    # a cell is its layer sizes, class and batch, whatever the run named the shape
+    replaced = table_from_results([("r.json", _result(h100, [_row("my-olmoe", SHAPES["olmoe-1b-7b"], 1, gemv, 1.0)]))])
     (tmp_path / "olmoe.json").write_text(json.dumps(replaced))
-    cells = {
-        (e["shape"], e["class"], e["tokens"]): e for e in kernel_tables([tmp_path / "olmoe.json"])[h100]["entries"]
-    }
-    assert cells["olmoe-1b-7b", "int4", 1]["us"] == 1.0 and len(cells) == len(shipped["entries"])
+    entries = kernel_tables([tmp_path / "olmoe.json"])[h100]["entries"]
+    cells = {(tuple(e["dims"].values()), e["class"], e["tokens"]): e for e in entries}
+    assert cells[SHAPES["olmoe-1b-7b"], "int4", 1]["us"] == 1.0 and len(entries) == len(shipped["entries"])
     with pytest.raises(FormatError, match="both kernel tables for GPU X"):
         kernel_tables([tmp_path / "x.json", tmp_path / "x.json"])
     (tmp_path / "bad.json").write_text("{}")

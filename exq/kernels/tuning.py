@@ -1,9 +1,10 @@
 """Tuned kernel tables: which kernel configuration won, per GPU, layer class and rows per active expert.
 
 A table is measured by `exq bench kernels` (its sweep records the best config of every (shape, plan, tokens) cell)
-and turned into a file by `benchmarks/kernel_table.py`; tables ship in `exq/kernels/tuned/`. The compiler's pass D
-(`exq.compiler.specialize`) reads them to pick each layer's configuration per batch size from the profile's routing,
-and the runtime uses what the plan stored.
+and turned into a file by its `--table` option or `benchmarks/kernel_table.py` (`table_from_results`); tables ship in
+`exq/kernels/tuned/`, and a user's own (another GPU, or their model's shapes) join them through `kernel_tables`. The
+compiler's pass D (`exq.compiler.specialize`) reads them to pick each layer's configuration per batch size from the
+profile's routing, and the runtime uses what the plan stored.
 
 Key: the layer class (`int4` when every expert is int4/int4-asym, `bf16` when all are bf16, else `mixed`) and the
 expected rows per active expert, the quantity that decides between the GEMV path, small row blocks and large
@@ -167,8 +168,8 @@ def load_table(path: str | Path) -> dict:
 def kernel_tables(extra: list[str | Path] | tuple = ()) -> dict[str, dict]:
     """GPU name -> table: the packaged tables with the user's own (`exq bench kernels --table`: a GPU exq ships no
     table for, or their model's shapes on one it does) merged in, a user cell replacing the packaged cell of the same
-    (shape, class, tokens). Pass D's lookup prefers an entry of the layer's own sizes among equally near ones, so a
-    model benched on its own shape gets its own measured configs."""
+    layer sizes, class and batch. Pass D's lookup prefers an entry of the layer's own sizes among equally near ones,
+    so a model benched on its own shape gets its own measured configs."""
     out, seen = dict(packaged_tables()), {}
     for path in extra:
         t = load_table(path)
@@ -176,10 +177,16 @@ def kernel_tables(extra: list[str | Path] | tuple = ()) -> dict[str, dict]:
             raise FormatError(f"{seen[t['gpu']]} and {path} are both kernel tables for {t['gpu']}", "give one per GPU")
         seen[t["gpu"]] = path
         if t["gpu"] in out:
-            cells = {(e["shape"], e["class"], e["tokens"]): e for e in out[t["gpu"]]["entries"] + t["entries"]}
+            cells = {_cell(e["dims"], e["class"], e["tokens"]): e for e in out[t["gpu"]]["entries"] + t["entries"]}
             t = t | {"source": out[t["gpu"]]["source"] + t["source"], "entries": list(cells.values())}
         out[t["gpu"]] = t
     return out
+
+
+def _cell(dims: dict, cls: str, tokens: int) -> tuple:
+    """What makes two table entries the same cell: the layer's sizes (not the name its run gave them), the class and
+    the batch."""
+    return tuple(int(dims[k]) for k in DIMS), cls, int(tokens)
 
 
 def _row_dims(row: dict) -> dict:
@@ -236,7 +243,7 @@ def table_from_results(results: list[tuple[str, dict]], base: dict | None = None
     cells, gpu, sources = {}, None, []
     if base is not None:
         gpu, sources = base["gpu"], list(base["source"])
-        cells = {(e["shape"], e["class"], e["tokens"]): e for e in base["entries"]}
+        cells = {_cell(e["dims"], e["class"], e["tokens"]): e for e in base["entries"]}
     for label, r in results:
         gpu = gpu or r["device"]
         if r["device"] != gpu:
@@ -249,7 +256,7 @@ def table_from_results(results: list[tuple[str, dict]], base: dict | None = None
                 continue
             dims = _row_dims(row)
             uniform = np.full(dims["experts"], 1.0 / dims["experts"])  # the benchmark's routing
-            key = (row["shape"], row["plan"], row["tokens"])
+            key = _cell(dims, row["plan"], row["tokens"])
             if label in if_faster and key in cells and cells[key]["us"] <= us:
                 continue
             cells[key] = {
