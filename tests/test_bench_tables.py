@@ -37,6 +37,28 @@ def test_shapes_by_name_sizes_and_model_folder():
             assert set(resolve_shapes([str(SHARED_MODELS / name)]).values()) == want
 
 
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"])
+def test_every_supported_family_gives_its_layers_shapes(family, tmp_path):
+    """Each family's config (sizes made whole groups of 128) read on the meta device gives the sizes of the MoE
+    layers of the same model built for real (dense layers and shared experts left out)."""
+    import copy
+
+    from tiny_models import tiny_configs
+    from transformers import AutoModelForCausalLM
+
+    from exq.models.registry import moe_layers
+
+    config = copy.deepcopy(tiny_configs()[family])
+    config.hidden_size = 128
+    for field in ("intermediate_size", "moe_intermediate_size"):
+        if getattr(config, field, None):
+            setattr(config, field, 128)
+    config.save_pretrained(tmp_path / family)
+    built = {(m.num_experts, m.hidden_size, m.intermediate_size, m.top_k)
+             for m in moe_layers(AutoModelForCausalLM.from_config(config))}  # fmt: skip
+    assert resolve_shapes([str(tmp_path / family)]) == {family: next(iter(built))} and len(built) == 1
+
+
 @pytest.mark.parametrize(
     ("spec", "said"),
     [
