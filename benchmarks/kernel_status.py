@@ -8,7 +8,8 @@
 
 Each (shape, plan, T) cell's figure comes from the last file given that measured it (the ratio to SGLang's default
 only from rows that timed SGLang in the same run), as the targets table in docs/kernels.md takes them. Prints the
-cells as a markdown table and writes a plot of the three target figures with their target lines.
+cells as a markdown table (--by-batch: a row per shape and plan, the table docs/kernels.md opens with) and writes a
+plot of the three target figures with their target lines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exq.bench.report import TARGET_TOKENS, read_result, status_cells, status_plot
+from exq.bench.report import TARGET_TOKENS, read_result, status_by_batch, status_cells, status_plot
 from exq.errors import ExqError
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="bench results, oldest first")
     ap.add_argument("--output", required=True, type=Path, help="the plot (PNG)")
+    ap.add_argument("--by-batch", action="store_true", help="one row per shape and plan, a column per T (kernels.md)")
     a = ap.parse_args()
     try:
         results = [read_result(p) for p in a.results]
@@ -33,11 +35,14 @@ def main() -> None:
         cells = status_cells(results)
         if not cells:
             raise SystemExit(f"no int4 / mixed rows at the issue's batch sizes ({TARGET_TOKENS}) in these results")
-        print("| shape | plan | T | % of HBM floor | x SGLang default | % of compute floor |")
-        print("|---|---|---|---|---|---|")
-        for (shape, plan, t), c in sorted(cells.items()):
-            x = f"{c['x_sglang']:.2f}" if "x_sglang" in c else "-"
-            print(f"| {shape} | {plan} | {t} | {c['floor_pct']:.1f} | {x} | {c['compute_pct']:.1f} |")
+        if a.by_batch:
+            print(status_by_batch(cells))
+        else:
+            print("| shape | plan | T | % of HBM floor | x SGLang default | % of compute floor |")
+            print("|---|---|---|---|---|---|")
+            for (shape, plan, t), c in sorted(cells.items()):
+                x = f"{c['x_sglang']:.2f}" if "x_sglang" in c else "-"
+                print(f"| {shape} | {plan} | {t} | {c['floor_pct']:.1f} | {x} | {c['compute_pct']:.1f} |")
         print(f"wrote {status_plot(cells, devices.pop(), a.output)}")
     except ExqError as err:  # a missing or malformed result, an output path that is a folder: no traceback
         raise SystemExit(f"error: {err}") from err

@@ -1031,6 +1031,12 @@ def test_kernel_status_takes_each_figure_from_the_last_run_that_measured_it(tmp_
     assert cells["olmoe-1b-7b", "int4", 4] == {"floor_pct": 75.0, "compute_pct": 5.0, "x_sglang": 4.0}
     assert cells["olmoe-1b-7b", "mixed", 1024] == {"floor_pct": 25.0, "compute_pct": 37.5}
     assert report.status_plot(cells, "GPU", tmp_path / "s.png").stat().st_size > 0
+    assert report.status_by_batch(cells).splitlines() == [
+        "| shape | plan | T = 4 | T = 1024 |",
+        "|---|---|---|---|",
+        "| olmoe-1b-7b | int4 | 75.0 %, 4.00× | - |",
+        "| olmoe-1b-7b | mixed | - | 37.5 % cf |",
+    ]
     (tmp_path / "bad.json").write_text('{"rows": 1}')
     script = Path(__file__).parents[1] / "benchmarks" / "kernel_status.py"
     run = subprocess.run([sys.executable, str(script), "bad.json", "--output", "s2.png"], cwd=tmp_path,

@@ -104,6 +104,30 @@ def status_cells(results: list[dict]) -> dict:
     return cells
 
 
+def status_by_batch(cells: dict) -> str:
+    """`status_cells` as one markdown row per (shape, plan) and a column per T: each cell's figure against its
+    target, the % of the HBM floor below T = 1024 and of the compute floor ("cf") from it, then (int4) x SGLang's
+    default. Shapes in the bench's order, others after them."""
+    from exq.bench import SHAPES
+
+    tokens = sorted({t for _, _, t in cells})
+    known = list(SHAPES)
+    order = sorted(dict.fromkeys((s, p) for s, p, _ in cells), key=lambda sp: (
+        known.index(sp[0]) if sp[0] in known else len(known), sp[0], ("int4", "mixed").index(sp[1])))  # fmt: skip
+    lines = ["| shape | plan | " + " | ".join(f"T = {t}" for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
+    for shape, plan in order:
+        out = []
+        for t in tokens:
+            c = cells.get((shape, plan, t))
+            if c is None:
+                out.append("-")
+                continue
+            cell = f"{c['compute_pct']:.1f} % cf" if t >= 1024 else f"{c['floor_pct']:.1f} %"
+            out.append(cell + (f", {c['x_sglang']:.2f}×" if "x_sglang" in c else ""))
+        lines.append(f"| {shape} | {plan} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def status_plot(cells: dict, device: str, path: str | Path) -> Path:
     """Three panels, one line per (shape, plan), each against its target line: % of the HBM floor at T <= 64, x
     SGLang's default int4 path at every T, % of the compute floor from T = 256."""
