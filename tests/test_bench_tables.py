@@ -142,14 +142,11 @@ def test_bench_table_option_writes_and_updates_a_table(monkeypatch, tmp_path, ca
 
 def test_a_users_table_feeds_pass_d(demo_profile, tmp_path, capsys):
     """A table measured on another GPU for the demo model's own shape: `exq compile --kernel-table` plans that GPU
-    with the table's configs, beside the shipped tables; a table of a shipped GPU replaces it."""
+    with the table's configs, beside the shipped tables; a table of a shipped GPU is merged into its shipped one."""
     from exq.compiler import Artifact
     from exq.compiler.specialize import BATCH_SIZES
-    from exq.models import load_model
-    from exq.models.registry import moe_layers
 
-    m = moe_layers(load_model(DEMO_MODEL))[0]
-    dims = (m.num_experts, m.hidden_size, m.intermediate_size, m.top_k)
+    dims = _demo_dims()
     gemv, gemm = GemvConfig(32, 1), GemmConfig(16, 64, 128)  # K steps that fit the demo's 128 / 128 reductions
     rows = [_row("demo", dims, 1, gemv, 5.0), _row("demo", dims, 64, gemm, 20.0)]
     table = table_from_results([("r.json", _result("GPU X", rows))])

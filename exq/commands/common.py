@@ -23,3 +23,15 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def add_kernel_table(p: argparse.ArgumentParser, what: str) -> None:
+    """`--kernel-table FILE...`: tables from `exq bench kernels --table`, for `exq compile` and `exq serve`."""
+    p.add_argument(
+        "--kernel-table",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help=f"kernel tables measured with `exq bench kernels --table` (a GPU exq ships no table for, or your model's "
+        f"shapes): {what}",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from exq.commands.common import positive_int
+from exq.commands.common import add_kernel_table, positive_int
 
 
 def add_compile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -52,14 +52,7 @@ def add_compile(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     )
     p.add_argument("--mip-gap", type=float, default=1e-4, help="relative optimality gap for milp (default 1e-4)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for milp (default 60)")
-    p.add_argument(
-        "--kernel-table",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="kernel tables measured with `exq bench kernels --table` (a GPU exq ships no table for, or your model's "
-        "shapes); pass D plans with them, merged into the shipped table of the same GPU",
-    )
+    add_kernel_table(p, "pass D plans with them, merged into the shipped table of the same GPU")
     p.add_argument("--output", required=True, help="plan path (NAME.json)")
 
     def run(a: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from exq.commands.common import positive_int
+from exq.commands.common import add_kernel_table, positive_int
 
 
 def port_number(text: str) -> int:
@@ -47,13 +47,7 @@ def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--threads", type=positive_int, help="CPU: torch threads (default: torch's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every decode step's kernels eagerly (GPU)")
     p.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint folder's name)")
-    p.add_argument(
-        "--kernel-table",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="kernel tables from `exq bench kernels --table`: the layers' kernel configs planned again with them",
-    )
+    add_kernel_table(p, "the checkpoint's layers planned again with them (exq's engine)")
 
     def run(a: argparse.Namespace) -> int:
         from exq.errors import ExqError
