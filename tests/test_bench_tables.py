@@ -140,6 +140,28 @@ def test_bench_table_option_writes_and_updates_a_table(monkeypatch, tmp_path, ca
     assert "kernel table" in capsys.readouterr().out
 
 
+def test_bench_table_option_refuses_a_bad_table_before_running(monkeypatch, tmp_path, capsys):
+    """`--table` naming a file that is not a kernel table, or one of another GPU, stops before the benchmark runs
+    and leaves the file as it was."""
+    import torch
+
+    import exq.bench.kernels as bk
+
+    monkeypatch.setattr(bk, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    args = ["bench", "kernels", "--shapes", "mine=32,256,128,4", "--output", str(tmp_path / "r.json"), "--table"]
+    (tmp_path / "notes.json").write_text('{"rows": []}')
+    assert main([*args, str(tmp_path / "notes.json")]) != 0
+    assert "not an exq kernel table" in capsys.readouterr().err
+    assert (tmp_path / "notes.json").read_text() == '{"rows": []}'
+    rows = [_row("mine", (32, 256, 128, 4), 1, GemvConfig(32, 4), 9.0)]
+    (tmp_path / "y.json").write_text(json.dumps(table_from_results([("r.json", _result("GPU Y", rows))])))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    assert main([*args, str(tmp_path / "y.json")]) != 0
+    err = capsys.readouterr().err
+    assert "is for GPU Y, this GPU is GPU X" in err and "Traceback" not in err
+
+
 def test_a_users_table_feeds_pass_d(demo_profile, tmp_path, capsys):
     """A table measured on another GPU for the demo model's own shape: `exq compile --kernel-table` plans that GPU
     with the table's configs, beside the shipped tables; a table of a shipped GPU is merged into its shipped one."""
